@@ -1,0 +1,69 @@
+"""Tiny models with random weights: the fixtures for shapes and ops (DESIGN.md).
+
+Each builder returns an eval-mode module mapping tokens [B, T] to logits [B, T, V]. They are
+small enough that exporting, optimizing and lowering one takes a second or two.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from arcompile.frontend.export import LogitsOnly  # noqa: E402
+from examples.nanogpt import NanoGPTConfig, build as build_nanogpt  # noqa: E402
+
+VOCAB = 512
+
+
+def _hf(config_cls_name: str, model_cls_name: str, **kw) -> torch.nn.Module:
+    import transformers
+
+    config = getattr(transformers, config_cls_name)(vocab_size=VOCAB, bos_token_id=1,
+                                                    eos_token_id=2, pad_token_id=0, **kw)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls_name)(config).eval()
+    return LogitsOnly(model).eval()
+
+
+def gpt2() -> torch.nn.Module:
+    return _hf("GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=64, n_head=4, n_positions=128)
+
+
+def llama() -> torch.nn.Module:
+    """LLaMA-shaped like SmolLM2: GQA (4 query heads, 2 KV heads), RoPE, tied embeddings."""
+    return _hf("LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def gpt_neox() -> torch.nn.Module:
+    """Partial rotary (rotary_pct 0.25), parallel residual."""
+    return _hf("GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=64, intermediate_size=128,
+               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+               rotary_pct=0.25)
+
+
+def opt() -> torch.nn.Module:
+    """Learned positions with OPT's offset of 2."""
+    return _hf("OPTConfig", "OPTForCausalLM", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+
+
+def nanogpt() -> torch.nn.Module:
+    return build_nanogpt(cfg=NanoGPTConfig(vocab_size=VOCAB))
+
+
+def trace_torchscript(module: torch.nn.Module, path: Path) -> Path:
+    """What many users have: ``torch.jit.trace(model, example).save("model.pt")``."""
+    example = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (example,), check_trace=False)
+    traced.save(str(path))
+    return path
+
+
+BUILDERS = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox, "opt": opt, "nanogpt": nanogpt}
