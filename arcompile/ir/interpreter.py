@@ -25,11 +25,13 @@ _SYM_FUNCS = {
     "sym.max": max, "sym.min": min, "sym.not": operator.not_, "sym.float": float, "sym.int": int,
 }
 
+# The IR is functional: a view means "the same values in this shape". Once remove_noops drops
+# a `contiguous`, torch's view can refuse strides that reshape handles, so run views as reshapes.
+_RESHAPES = {"aten.view", "aten._unsafe_view"}
+
 
 def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool = True) -> list[torch.Tensor]:
     """Run ``graph`` on ``inputs`` (in graph-input order) and return its outputs."""
-    from arcompile.ir.ops import reference_impl  # arc.* ops register themselves there
-
     if len(inputs) != len(graph.inputs):
         raise VerifyError(f"graph '{graph.name}' takes {len(graph.inputs)} inputs, got {len(inputs)}")
     order = graph.nodes()
@@ -43,7 +45,7 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool =
             elif node.op == "arc.constant":
                 result = node.output.data
             else:
-                result = _run_node(node, env, reference_impl)
+                result = evaluate_node(node, [env[v] for v in node.inputs])
             results = result if len(node.outputs) > 1 else [result]
             for v, r in zip(node.outputs, results):
                 env[v] = r
@@ -54,8 +56,11 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool =
     return [env[o] for o in graph.outputs]
 
 
-def _run_node(node: Node, env: dict[Value, Any], reference_impl) -> Any:
-    args = [env[v] for v in node.inputs]
+@torch.no_grad()
+def evaluate_node(node: Node, args: list[Any]) -> Any:
+    """Compute one node from its input values; a list when it has several outputs."""
+    from arcompile.ir.ops import reference_impl
+
     if node.op.startswith("sym."):
         return _SYM_FUNCS[node.op](*args)
     attrs = {k: resolve(v, tuple(args)) for k, v in node.attrs.items()}
@@ -63,6 +68,8 @@ def _run_node(node: Node, env: dict[Value, Any], reference_impl) -> Any:
         return reference_impl(node.op)(*args, **node.attrs)
     from arcompile.frontend.from_export import resolve_op
 
+    if node.op in _RESHAPES:
+        return attrs["self"].reshape(attrs["size"])
     op = resolve_op(node.op)
     positional, keyword = [], {}
     for arg in op._schema.arguments:

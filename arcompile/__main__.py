@@ -1,0 +1,5 @@
+import sys
+
+from arcompile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The ``arcompile`` command: optimize, run, inspect.
+
+Errors a user can cause print one line on stderr and exit with status 2; ``--debug`` shows
+the traceback instead. Anything else is a bug: one line asking to re-run with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from arcompile.errors import ArcompileError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from arcompile.compile import optimize
+
+    report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
+                      check_numerics=not args.no_check, log=_log)
+    print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
+          f"{report.seconds:.1f} s)")
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ArcompileError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from arcompile.engine import load
+
+    eng = load(args.engine, threads=args.threads)
+    if args.prompt is not None:
+        ids = eng.encode(args.prompt, chat=args.chat)
+        eos = eng.eos_token_id
+    else:
+        ids = _parse_ids(args.prompt_ids)
+        eos = None
+    if args.eos_token_id is not None:
+        eos = args.eos_token_id
+    text_mode = args.prompt is not None
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+              eos_token_id=eos)
+    if args.stream:
+        new: list[int] = []
+        shown = ""
+        for step in eng.stream(ids, **kw):
+            if step[0] is None:
+                break
+            new.append(step[0])
+            if text_mode:
+                text = eng.decode(new)
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+            else:
+                print(step[0], end=",", flush=True)
+        print()
+        return 0
+    new = eng.generate(ids, **kw)
+    print(eng.decode(new) if text_mode else ",".join(str(t) for t in new))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from arcompile.inspect import inspect_path
+
+    print(inspect_path(args.target, show_constants=args.constants, limit=args.limit,
+                       passes=args.passes, log=_log))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from arcompile import __version__
+
+    p = argparse.ArgumentParser(prog="arcompile",
+                                description="Compile autoregressive PyTorch models into fast "
+                                            "decoding engines (ONNX Runtime).")
+    p.add_argument("--version", action="version", version=f"arcompile {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="trace a model, run passes, write an engine directory",
+                       description="MODEL is a torch.export archive, a TorchScript archive, a "
+                                   "Hugging Face folder or a GGUF file (detected by content).")
+    o.add_argument("model", help="model file or folder")
+    o.add_argument("-o", "--output", required=True, help="engine directory to write")
+    o.add_argument("--passes", default="default",
+                   help="preset (default, none) or comma-separated pass names")
+    o.add_argument("--tokenizer", help="folder with a tokenizer to store in the engine")
+    o.add_argument("--no-check", action="store_true",
+                   help="skip the numeric check after every pass and after lowering")
+    o.set_defaults(func=cmd_optimize)
+
+    r = sub.add_parser("run", help="generate with an engine directory")
+    r.add_argument("engine", help="engine directory written by `arcompile optimize`")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt (needs the engine's tokenizer)")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")
+    r.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    r.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
+    r.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="print a model's IR or an engine's manifest")
+    i.add_argument("target", help="model file/folder or engine directory")
+    i.add_argument("--passes", default="none",
+                   help="for a model: passes to run before printing (default none)")
+    i.add_argument("--constants", action="store_true", help="also list weights/constants")
+    i.add_argument("--limit", type=int, help="print at most this many nodes")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ArcompileError as e:
+        if args.debug:
+            raise
+        print(f"arcompile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("arcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: keep it to one line unless asked
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"arcompile: internal error: {type(e).__name__}: {first} "
+              "(re-run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

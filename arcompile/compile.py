@@ -1,0 +1,151 @@
+"""``arcompile.optimize``: model → IR → passes → engine directory.
+
+The steps, each reported through ``log``:
+1. load the model (frontend; by content, never running code from the file);
+2. convert it to the IR and verify it;
+3. run the pipeline with hooks that verify the graph and check its logits on sample tokens
+   after every pass (against the graph as traced, run by the reference interpreter);
+4. lower to ONNX in a staging folder, run the lowered model on the same sample tokens with
+   ONNX Runtime's own optimizations off, and compare once more;
+5. write the manifest and move the folder into place.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from arcompile.errors import ArcompileError
+from arcompile.ir.verify import verify
+from arcompile.passes import NumericCheckHook, PassManager, PassRecord, VerifyHook, build_pipeline
+from arcompile.runtimes.engine_dir import staging_dir, write_manifest
+
+LOWERING_TOLERANCE = 1e-4  # ONNX Runtime vs the reference interpreter, max |Δlogit|
+SAMPLE_SHAPE = (1, 8)
+
+
+@dataclass
+class OptimizeReport:
+    output_dir: Path
+    passes: list[PassRecord]
+    lowering_max_abs_diff: float
+    nodes_traced: int
+    nodes_final: int
+    seconds: float
+    manifest: dict = field(default_factory=dict)
+
+
+def _sample_tokens(vocab_size: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab_size, SAMPLE_SHAPE, generator=gen)
+
+
+def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = None,
+             passes: str | list[str] = "default", tokenizer: str | Path | None = None,
+             check_numerics: bool = True, log: Callable[[str], None] | None = print,
+             **options: Any) -> OptimizeReport:
+    """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
+
+    ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
+    take the tokenizer from when the model file has none. Unknown options are an error.
+    """
+    if options:
+        raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
+    say = log or (lambda _msg: None)
+    start = time.perf_counter()
+    pipeline = build_pipeline(passes)  # fail on a bad --passes before the slow load
+
+    from arcompile.frontend.from_export import from_exported_program
+    from arcompile.frontend.load import load_model
+
+    loaded = load_model(model, example_inputs=example_inputs, log=say)
+    say("converting to IR")
+    graph = from_exported_program(loaded.program, name=loaded.config.get("name") or "model")
+    verify(graph)
+    nodes_traced = len(graph)
+    vocab = loaded.config.get("vocab_size") or graph.outputs[0].shape[-1]
+    sample = _sample_tokens(int(vocab))
+
+    hooks = [VerifyHook()]
+    if check_numerics:
+        hooks.append(NumericCheckHook(graph, [sample]))
+    say(f"running {len(pipeline)} passes on {nodes_traced} nodes")
+    records = PassManager(pipeline, hooks, log=say).run(graph)
+
+    tok = _tokenizer(loaded.tokenizer, tokenizer)
+    with staging_dir(Path(output_dir)) as tmp:
+        from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
+
+        say("lowering to ONNX")
+        io = lower_to_onnx(graph, tmp)
+        diff = _check_lowering(graph, tmp, sample) if check_numerics else float("nan")
+        if check_numerics:
+            say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
+        if tok is not None:
+            tok.save_pretrained(str(tmp / "tokenizer"))
+        manifest = write_manifest(tmp, {
+            "runtime": "onnxruntime-cpu",
+            "model_file": "model.onnx",
+            "inputs": io["inputs"],
+            "outputs": io["outputs"],
+            "padding_side": "right",
+            "kv_cache": None,
+            "passes": [r.as_dict() for r in records],
+            "lowering_max_abs_diff": diff,
+            "source": {"path": loaded.source, "kind": loaded.source_kind,
+                       "sha256": loaded.source_sha256},
+            "config": {k: v for k, v in loaded.config.items() if v is not None},
+            "tools": _tool_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    seconds = time.perf_counter() - start
+    say(f"wrote {output_dir} in {seconds:.1f} s")
+    return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
+                          manifest)
+
+
+def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
+    from arcompile.ir.interpreter import run_graph
+    from arcompile.runtimes.onnxruntime.session import make_session
+
+    want = run_graph(graph, [sample])[0].float().numpy()
+    session = make_session(folder / "model.onnx", optimize=False)
+    got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    if not diff <= LOWERING_TOLERANCE:
+        raise ArcompileError(f"the lowered ONNX model differs from the IR by max|Δlogit| {diff:.3g} "
+                             f"(tolerance {LOWERING_TOLERANCE}); this is a lowering bug")
+    return diff
+
+
+def _tokenizer(from_source: Any, folder: str | Path | None) -> Any:
+    if folder is None:
+        return from_source
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ArcompileError("--tokenizer needs the hf extra: pip install 'arcompile[hf]'") from None
+    if not Path(folder).is_dir():
+        raise ArcompileError(f"tokenizer folder {folder} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ArcompileError(f"cannot read a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+
+
+def _tool_versions() -> dict:
+    import networkx
+    import onnx
+    import onnxruntime
+
+    from arcompile import __version__
+
+    return {"arcompile": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "networkx": networkx.__version__,
+            "python": platform.python_version()}

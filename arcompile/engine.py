@@ -1,0 +1,127 @@
+"""A loaded engine directory: ``arcompile.load(dir)`` returns an Engine.
+
+    eng = arcompile.load("out/smollm2")
+    new = eng.generate([1, 2, 3], max_new_tokens=16)          # -> list[int]
+    new = eng.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)  # -> list[list[int]]
+    logits = eng.logits([1, 2, 3])                            # -> np.ndarray [1, 3, V]
+
+Loading checks the manifest (format version, every file's size and hash) before ONNX
+Runtime sees the model, and refuses a directory that does not match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from arcompile.decoding import Sampler, as_batch, decode_steps, pad_right
+from arcompile.errors import DecodeError, EngineError
+from arcompile.runtimes.engine_dir import read_manifest
+
+RUNTIMES = ("onnxruntime-cpu",)
+
+
+class Engine:
+    def __init__(self, path: str | Path, threads: int | None = None, check_hashes: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, check_hashes=check_hashes)
+        runtime = self.manifest.get("runtime")
+        if runtime not in RUNTIMES:
+            raise EngineError(f"engine runtime {runtime!r} is not supported by this arcompile "
+                              f"(supported: {', '.join(RUNTIMES)})")
+        from arcompile.runtimes.onnxruntime.session import make_session
+
+        self._session = make_session(self.path / self.manifest["model_file"], threads=threads)
+        self._input = self.manifest["inputs"][0]["name"]
+        self._output = self.manifest["outputs"][0]["name"]
+        self._tokenizer: Any = None
+
+    # -- model ------------------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        return self.manifest.get("config", {})
+
+    @property
+    def max_context(self) -> int | None:
+        return self.config.get("max_position_embeddings")
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        return self._session.run([self._output], {self._input: ids})[0]
+
+    def logits(self, input_ids) -> np.ndarray:
+        """Logits [B, T, V] for whole sequences; rows must have equal length."""
+        rows, _ = as_batch(input_ids)
+        if len({len(r) for r in rows}) != 1:
+            raise DecodeError("logits() needs rows of equal length; call it per row instead")
+        ids, _ = pad_right(rows)
+        if self.max_context and ids.shape[1] > self.max_context:
+            raise DecodeError(f"sequence of {ids.shape[1]} tokens exceeds the engine's maximum "
+                              f"context of {self.max_context}")
+        return self._forward(ids)
+
+    # -- decoding ---------------------------------------------------------------------
+    def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+               ) -> Iterator[list[int | None]]:
+        """Yield each step's new token per row (None once a row has stopped)."""
+        rows, _ = as_batch(input_ids)
+        sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        yield from decode_steps(self._forward, rows, max_new_tokens, sampler, eos_token_id,
+                                self.max_context)
+
+    def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None):
+        """Only the new tokens, in the shape of ``input_ids`` (a row stops after its EOS)."""
+        rows, single = as_batch(input_ids)
+        out: list[list[int]] = [[] for _ in rows]
+        for step in self.stream(rows, max_new_tokens, do_sample, temperature, top_k, top_p,
+                                seed, eos_token_id):
+            for i, t in enumerate(step):
+                if t is not None:
+                    out[i].append(t)
+        return out[0] if single else out
+
+    # -- text -------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer saved with the engine (transformers), or EngineError if none."""
+        if self._tokenizer is None:
+            folder = self.path / "tokenizer"
+            if not folder.is_dir():
+                raise EngineError(f"engine {self.path} has no tokenizer; pass token ids "
+                                  "(--prompt-ids) or optimize with --tokenizer DIR")
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise EngineError("reading text needs the hf extra: pip install 'arcompile[hf]'") from None
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        return self._tokenizer
+
+    def encode(self, text: str, chat: bool = False) -> list[int]:
+        tok = self.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise EngineError("this engine's tokenizer has no chat template; drop --chat")
+            return list(tok.apply_chat_template([{"role": "user", "content": text}],
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=False))
+        return list(tok.encode(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        eos = self.config.get("eos_token_id")
+        if eos is None and (self.path / "tokenizer").is_dir():
+            eos = self.tokenizer.eos_token_id
+        return eos
+
+
+def load(path: str | Path, threads: int | None = None) -> Engine:
+    """Open an engine directory written by ``arcompile optimize``."""
+    return Engine(path, threads=threads)

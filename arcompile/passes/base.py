@@ -1,0 +1,47 @@
+"""The pass contract.
+
+A pass takes a graph, rewrites it in place and returns a PassResult: whether it changed the
+graph and how many times each of its rewrite rules fired. A pass states the numeric tolerance
+it promises (``0.0`` for passes that must not change results at all); the pass manager's
+numeric check holds it to that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from arcompile.ir.graph import Graph
+
+
+@dataclass
+class PassResult:
+    counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(self.counts.values())
+
+    def bump(self, rule: str, n: int = 1) -> None:
+        self.counts[rule] = self.counts.get(rule, 0) + n
+
+    def note(self, text: str) -> None:
+        """Record why something did not apply; shown by ``optimize`` and kept in the manifest."""
+        self.notes.append(text)
+
+
+class Pass:
+    """Base class: set ``name``, ``tolerance`` and a docstring; implement ``run``."""
+
+    name: str = "pass"
+    tolerance: float = 0.0  # max |Δ| on logits this pass may cause against the graph it got
+
+    def run(self, graph: Graph) -> PassResult:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """The options this pass ran with, recorded in the engine manifest."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<pass {self.name}>"

@@ -1,0 +1,66 @@
+"""Constant folding.
+
+Matches: an ``aten.*`` node every input of which is a constant (or that has no inputs, such
+as ``arange(0, 64)`` or ``ones([4, 4])``), computed once here with the reference interpreter's
+torch op.
+Produces: ``arc.constant`` nodes holding the results (rule ``fold``), or ``view`` when the
+result shares storage with a weight (a transpose or slice of it: no bytes are copied).
+Refuses: random ops; nodes that take a symbolic size; and results that would add more than
+``max_new_elements`` elements of fresh memory (say, ``weight * 2`` on a 100 MB weight: the
+runtime computes that cheaply, folding it would hold a second copy of the weight).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arcompile.ir.graph import Graph, Node
+from arcompile.ir.interpreter import evaluate_node
+from arcompile.passes.base import Pass, PassResult
+from arcompile.passes.cse import is_random
+
+
+class ConstantFolding(Pass):
+    name = "constant_folding"
+
+    def __init__(self, max_new_elements: int = 1 << 16):
+        self.max_new_elements = max_new_elements
+
+    def settings(self) -> dict:
+        return {"max_new_elements": self.max_new_elements}
+
+    def run(self, graph: Graph) -> PassResult:
+        result = PassResult()
+        for node in graph.nodes():
+            if not self._foldable(node):
+                continue
+            values = evaluate_node(node, [v.data for v in node.inputs])
+            values = values if len(node.outputs) > 1 else [values]
+            if not all(isinstance(t, torch.Tensor) for t in values):
+                continue
+            sources = [v.data for v in node.inputs]
+            fresh = sum(t.numel() for t in values if not _shares_storage(t, sources))
+            if fresh > self.max_new_elements:
+                result.note(f"kept {node.op} at {node.module or '<top>'}: folding would "
+                            f"materialize {fresh} new elements")
+                continue
+            shared = fresh == 0 and bool(sources)
+            for out, tensor in zip(node.outputs, values):
+                const = graph.add_constant(tensor, name=out.name, module=node.module,
+                                           origin=f"{self.name}/{'view' if shared else 'fold'}")
+                out.replace_all_uses_with(const)
+            graph.remove_node(node)
+            result.bump("view" if shared else "fold")
+        return result
+
+    def _foldable(self, node: Node) -> bool:
+        if not node.op.startswith("aten.") or not node.outputs or is_random(node):
+            return False
+        if any(not v.is_constant for v in node.inputs):
+            return False  # a symbolic size or a runtime tensor
+        return all(v.dtype is not None and not isinstance(v.dtype, str) for v in node.outputs)
+
+
+def _shares_storage(t: torch.Tensor, sources: list[torch.Tensor]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(s.untyped_storage().data_ptr() == ptr for s in sources)
