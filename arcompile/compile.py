@@ -62,9 +62,12 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     pipeline = build_pipeline(passes)  # fail on a bad --passes before the slow load
 
     from arcompile.frontend.from_export import from_exported_program
-    from arcompile.frontend.load import load_model
+    from arcompile.frontend.load import LoadedModel, load_model
 
-    loaded = load_model(model, example_inputs=example_inputs, log=say)
+    if isinstance(model, LoadedModel):  # already loaded (tests and tools share one load)
+        loaded = model
+    else:
+        loaded = load_model(model, example_inputs=example_inputs, log=say)
     say("converting to IR")
     graph = from_exported_program(loaded.program, name=loaded.config.get("name") or "model")
     verify(graph)
