@@ -26,7 +26,11 @@ from arcompile.ir.verify import verify
 from arcompile.passes import NumericCheckHook, PassManager, PassRecord, VerifyHook, build_pipeline
 from arcompile.runtimes.engine_dir import staging_dir, write_manifest
 
-LOWERING_TOLERANCE = 1e-4  # ONNX Runtime vs the reference interpreter, max |Δlogit|
+# ONNX Runtime vs the reference interpreter on random tokens: max|Δlogit| may be at most
+# 1e-4 plus 1e-5 of the largest logit. ORT's float32 kernels round differently from torch's;
+# on SmolLM2 (hidden activations near 24,000, logits up to ~35) that alone reaches ~1.5e-4 on
+# random tokens, while a wrong lowering is off by whole units.
+LOWERING_ATOL, LOWERING_RTOL = 1e-4, 1e-5
 SAMPLE_SHAPE = (1, 8)
 
 
@@ -121,9 +125,10 @@ def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
     session = make_session(folder / "model.onnx", optimize=False)
     got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
     diff = float(np.abs(got - want).max())
-    if not diff <= LOWERING_TOLERANCE:
+    tolerance = LOWERING_ATOL + LOWERING_RTOL * float(np.abs(want).max())
+    if not diff <= tolerance:
         raise ArcompileError(f"the lowered ONNX model differs from the IR by max|Δlogit| {diff:.3g} "
-                             f"(tolerance {LOWERING_TOLERANCE}); this is a lowering bug")
+                             f"(tolerance {tolerance:.3g}); this is a lowering bug")
     return diff
 
 

@@ -153,6 +153,8 @@ def _module_path(fx: torch.fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
+    if path.startswith("_empty_nn_module_stack"):  # a placeholder torch.export writes
+        return ""
     return _clean_path(path)
 
 

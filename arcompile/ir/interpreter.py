@@ -61,9 +61,9 @@ def evaluate_node(node: Node, args: list[Any]) -> Any:
     """Compute one node from its input values; a list when it has several outputs."""
     from arcompile.ir.ops import reference_impl
 
-    if node.op.startswith("sym."):
-        return _SYM_FUNCS[node.op](*args)
     attrs = {k: resolve(v, tuple(args)) for k, v in node.attrs.items()}
+    if node.op.startswith("sym."):  # operands a0, a1, ...: Values or literals
+        return _SYM_FUNCS[node.op](*(attrs[f"a{i}"] for i in range(len(attrs))))
     if node.op.startswith("arc."):
         return reference_impl(node.op)(*args, **node.attrs)
     from arcompile.frontend.from_export import resolve_op

@@ -1,0 +1,1 @@
+"""Backends that lower the IR and run it: ``onnxruntime`` (the embedded default) and others."""
