@@ -12,6 +12,15 @@ ARC_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 ARC_VENV="$ARC_ROOT/.venv"
 ARC_STAMP="$ARC_VENV/.arcompile-setup-stamp"
 
+arc_pip_install() {
+  local log="$1"; shift
+  if ! "$ARC_VENV/bin/python" -m pip install --quiet --no-input "$@" >>"$log" 2>&1; then
+    echo "setup-venv: 'pip install $*' failed; the last lines of $log:" >&2
+    tail -n 20 "$log" >&2
+    return 1
+  fi
+}
+
 arc_setup_venv() {
   local py="${PYTHON:-python3}"
   if ! command -v "$py" >/dev/null 2>&1; then
@@ -36,7 +45,10 @@ arc_setup_venv() {
 
   echo "setup-venv: installing packages into .venv (the first run downloads ~1 GB and takes" \
        "a few minutes)" >&2
-  local pip=("$ARC_VENV/bin/python" -m pip install --quiet --no-input)
+  # pip's chatter goes to a log, shown only when an install fails
+  local log="$ARC_VENV/setup.log"
+  : > "$log"
+  local pip=(arc_pip_install "$log")
   # torch goes first, pinned to an exact release: with no torch installed, the bare
   # "torch>=2.6" in pyproject.toml can resolve to a multi-GB CUDA build, while torch==2.13.0
   # matches the CPU wheel these machines keep on disk (pip's find-links). Once it is

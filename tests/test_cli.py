@@ -1,5 +1,5 @@
-"""Bad input through the CLI: one clear line on stderr, exit status 2, no traceback unless
---debug, and nothing half-written left behind."""
+"""The CLI: run and inspect work; bad input gets one clear line on stderr, exit status 2,
+no traceback unless --debug, and nothing half-written left behind."""
 
 from __future__ import annotations
 
@@ -183,3 +183,17 @@ def test_debug_shows_the_traceback(tmp_path):
     cmd.remove("--debug")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_inspect_an_engine_and_a_model(capsys, engine_dir, tmp_path):
+    code, out, _ = run_cli(capsys, "inspect", str(engine_dir))
+    assert code == 0
+    assert "runtime onnxruntime-cpu" in out and "input: idx int64['B', 'T']" in out
+    assert "remove_noops" in out and "ONNX ops" in out
+    from arcompile.frontend.export import export_module
+    archive = tmp_path / "nano.pt2"
+    torch.export.save(export_module(tm.nanogpt(), vocab_size=tm.VOCAB), archive)
+    code, out, _ = run_cli(capsys, "inspect", str(archive), "--limit", "5")
+    assert code == 0
+    assert "(%idx: i64[B, T]) -> (" in out
+    assert "aten.embedding(weight=" in out and "# ... " in out
