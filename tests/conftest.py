@@ -30,3 +30,12 @@ def smollm2_engine(smollm2, tmp_path_factory):
     out = tmp_path_factory.mktemp("engines") / "smollm2"
     arcompile.optimize(smollm2, out, log=None)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_decomposed(smollm2):
+    """The same SmolLM2 program after ``run_decompositions()``: attention as bmm / softmax /
+    where, the second traced form every fusion must handle (~20 s)."""
+    import dataclasses
+
+    return dataclasses.replace(smollm2, program=smollm2.program.run_decompositions())

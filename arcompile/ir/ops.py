@@ -22,6 +22,8 @@ def register(op: str) -> Callable[[Callable], Callable]:
 
 
 def reference_impl(op: str) -> Callable:
+    import arcompile.ir.opdefs  # noqa: F401  (registers the arc.* ops on first use)
+
     try:
         return _REFERENCE[op]
     except KeyError:

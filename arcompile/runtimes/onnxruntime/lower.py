@@ -62,7 +62,10 @@ def lower_to_onnx(graph: Graph, out_dir: Path, model_file: str = "model.onnx") -
     inputs = [_value_info(v.name, v) for v in graph.inputs]
     outputs = [_value_info(n, v) for n, v in zip(out_names, graph.outputs)]
     onnx_graph = helper.make_graph(ctx.nodes, graph.name, inputs, outputs, initializer=initializers)
-    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    # ORT's fused kernels live in the com.microsoft domain (version 1); import it when used
+    domains = sorted({n.domain for n in ctx.nodes if n.domain not in ("", "ai.onnx")})
+    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(onnx_graph, opset_imports=opsets,
                               producer_name="arcompile", ir_version=IR_VERSION)
     # The protobuf holds no weight bytes, so serializing it directly is small and fast.
     (out_dir / model_file).write_bytes(model.SerializeToString())

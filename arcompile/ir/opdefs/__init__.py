@@ -1,0 +1,7 @@
+"""Definitions of the ``arc.*`` ops that fusion passes create: one module per family, each
+registering a reference implementation (torch ops) with ``arcompile.ir.ops.register``.
+
+Importing this package registers them all; the reference interpreter does so on first use.
+"""
+
+from arcompile.ir.opdefs import attention, mlp, norms, rope  # noqa: F401

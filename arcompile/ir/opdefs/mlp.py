@@ -1,0 +1,1 @@
+"""Reference implementations of the arc.* mlp ops (filled in by the fusion work)."""
