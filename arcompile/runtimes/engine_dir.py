@@ -14,7 +14,6 @@ replaced only then. A folder at OUT that is not an engine is never overwritten.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,17 +23,10 @@ from pathlib import Path
 from typing import Iterator
 
 from arcompile.errors import EngineError
+from arcompile.frontend.source_hash import sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "arcompile.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_engine_dir(path: Path) -> bool:
