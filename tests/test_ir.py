@@ -75,3 +75,9 @@ def test_interpreter_runs_and_checks_symbolic_dims():
     assert torch.allclose(run_graph(g, [x])[0], torch.tanh(x) + x)
     with pytest.raises(VerifyError, match="dim 1 should be 4"):
         run_graph(g, [torch.randn(3, 5)])
+
+
+def test_printer_shows_operands_of_ops_that_keep_them_outside_attributes():
+    g, x, w, *_ = small_graph()
+    g.add_node("arc.demo", (x, w), {"eps": 1e-6}, [(torch.float32, ("T", 4))])
+    assert "arc.demo(%x, %w, eps=1e-06)" in print_graph(g)

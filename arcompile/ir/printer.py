@@ -19,6 +19,14 @@ def _fmt(a: Any) -> str:
     return str(a)
 
 
+def _values(a: Any):
+    if isinstance(a, Value):
+        yield a
+    elif isinstance(a, (list, tuple)):
+        for x in a:
+            yield from _values(x)
+
+
 def print_graph(graph: Graph, show_constants: bool = False, limit: int | None = None) -> str:
     ins = ", ".join(repr(v) for v in graph.inputs)
     outs = ", ".join(repr(v) for v in graph.outputs)
@@ -34,7 +42,10 @@ def print_graph(graph: Graph, show_constants: bool = False, limit: int | None = 
             break
         outs_txt = ", ".join(repr(v) for v in node.outputs) or "()"
         attrs = node.resolved_attrs()
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in attrs.items())
+        # arc.* ops keep their operands in `inputs` only; aten ops name them in attributes
+        referenced = {id(v) for v in _values(list(attrs.values()))}
+        operands = [_fmt(v) for v in node.inputs if id(v) not in referenced]
+        args = ", ".join(operands + [f"{k}={_fmt(v)}" for k, v in attrs.items()])
         where = f"  # {node.module}" if node.module else ""
         lines.append(f"  {outs_txt} = {node.op}({args}){where}")
     lines.append("  return " + ", ".join(f"%{v.name}" for v in graph.outputs))
