@@ -223,3 +223,22 @@ def flip(ctx: LowerContext, node: Node) -> str:
     n = len(dims)
     return ctx.op("Slice", [ctx.name(x), ctx.i64([-1] * n), ctx.i64([-INT64_MAX - 1] * n),
                             ctx.i64(dims), ctx.i64([-1] * n)])
+
+
+@lowering("aten.repeat_interleave.self_int")
+def repeat_interleave(ctx: LowerContext, node: Node) -> str:
+    # x[..., i, ...] repeated r times in place along dim: unsqueeze after dim, expand that new
+    # dim to r, and merge it back into dim.
+    x, repeats, dim = node.arg("self"), node.arg("repeats"), node.arg("dim")
+    if dim is None or not isinstance(repeats, int):
+        raise UnsupportedOpError(f"{node.where()}: only a fixed repeat count along a given dim "
+                                 "is lowered")
+    r = rank(x)
+    dim %= r
+    grown = ctx.op("Unsqueeze", [ctx.name(x), ctx.i64([dim + 1])])
+    spread = ctx.op("Expand", [grown, ctx.i64([1] * (dim + 1) + [repeats] + [1] * (r - dim - 1))])
+    parts = ([ctx.shape_of(x, 0, dim)] if dim else []) + [ctx.i64([-1])]
+    if dim + 1 < r:
+        parts.append(ctx.shape_of(x, dim + 1))
+    shape = parts[0] if len(parts) == 1 else ctx.op("Concat", parts, axis=0)
+    return ctx.op("Reshape", [spread, shape])
