@@ -67,3 +67,20 @@ def trace_torchscript(module: torch.nn.Module, path: Path) -> Path:
 
 
 BUILDERS = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox, "opt": opt, "nanogpt": nanogpt}
+
+
+def gptj() -> torch.nn.Module:
+    """GPT-J: interleaved rotary (``rotate_every_two``) on the first 4 of 16 head dims, cos/sin
+    looked up in a constant sin|cos table by position id."""
+    return _hf("GPTJConfig", "GPTJForCausalLM", n_embd=64, n_inner=128, n_layer=2, n_head=4,
+               n_positions=128, rotary_dim=4)
+
+
+def gpt2_eager() -> torch.nn.Module:
+    """GPT-2 with transformers' hand-written eager attention (matmul, additive mask, softmax)."""
+    return _hf("GPT2Config", "GPT2LMHeadModel", n_layer=2, n_embd=64, n_head=4, n_positions=128,
+               attn_implementation="eager")
+
+
+# Builders for other ways of writing the same architectures (the fusion passes' fixtures).
+VARIANTS = {"gpt2_eager": gpt2_eager}
