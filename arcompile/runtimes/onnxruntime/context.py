@@ -70,6 +70,20 @@ class LowerContext:
         self._names[value] = self._storages[key]
         return self._names[value]
 
+    def weight_concat(self, parts: list[Value], dim: int, base: str) -> str:
+        """One initializer holding the constants ``parts`` concatenated along ``dim``; its bytes
+        are streamed into the data file part by part (``weights.ConcatParts``), never held."""
+        from arcompile.runtimes.onnxruntime.weights import ConcatParts
+
+        key = ("concat", dim) + tuple(
+            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+             tuple(t.stride()), t.dtype) for t in (v.data for v in parts))
+        if key not in self._storages:
+            name = self.fresh(base)
+            self.weights[name] = ConcatParts([v.data for v in parts], dim)
+            self._storages[key] = name
+        return self._storages[key]
+
     # -- emitting -----------------------------------------------------------------------
     def op(self, op_type: str, inputs: Iterable[str], outputs: int = 1, **attrs: Any) -> Any:
         """Emit one ONNX node; returns its output name (a list when ``outputs`` > 1)."""

@@ -37,6 +37,8 @@ def write_weights(weights: dict[str, torch.Tensor], data_path: Path) -> list[Ten
             dims = list(t.shape)
             nbytes = t.numel() * t.element_size()
             if nbytes <= INLINE_MAX_BYTES:
+                if isinstance(t, ConcatParts):
+                    t = t.materialize()
                 raw = tensor_bytes(t).tobytes() if nbytes else b""
                 protos.append(helper.make_tensor(name, onnx_type(t.dtype), dims, raw, raw=True))
                 continue
@@ -45,7 +47,10 @@ def write_weights(weights: dict[str, torch.Tensor], data_path: Path) -> list[Ten
             if pad:
                 f.write(b"\0" * pad)
                 offset += pad
-            f.write(tensor_bytes(t))
+            if isinstance(t, ConcatParts):
+                t.write(f)
+            else:
+                f.write(tensor_bytes(t))
             protos.append(external_tensor(name, t, location, offset, nbytes))
             offset += nbytes
     return protos
@@ -60,3 +65,52 @@ def external_tensor(name: str, t: torch.Tensor, location: str, offset: int,
         entry = proto.external_data.add()
         entry.key, entry.value = key, str(value)
     return proto
+
+
+class ConcatParts:
+    """Tensors concatenated along ``dim``, written as ONE initializer without ever holding the
+    whole concatenation: parts along dim 0 go to the file one after another; along a later dim
+    the rows are interleaved a block at a time (at most ``BLOCK_BYTES`` held at once).
+
+    Stands in for a tensor in ``LowerContext.weights`` (shape, dtype, numel, element_size);
+    merged Q/K/V and gate/up weights (``arc.concat_weights``, ``arc.gated_mlp``) use it.
+    """
+
+    BLOCK_BYTES = 8 << 20
+
+    def __init__(self, parts: list[torch.Tensor], dim: int):
+        first = parts[0]
+        self.dim = dim % first.dim()
+        self.parts = list(parts)
+        shape = list(first.shape)
+        shape[self.dim] = sum(p.shape[self.dim] for p in parts)
+        self.shape = torch.Size(shape)
+        self.dtype = first.dtype
+        for p in parts:
+            same = list(p.shape)
+            same[self.dim] = shape[self.dim]
+            if same != shape or p.dtype != self.dtype:
+                raise ValueError(f"cannot concatenate {tuple(p.shape)} {p.dtype} with "
+                                 f"{tuple(first.shape)} {first.dtype} along dim {dim}")
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=self.dim)
+
+    def write(self, f) -> None:
+        if all(s == 1 for s in self.shape[:self.dim]):  # the parts' bytes simply follow on
+            for p in self.parts:
+                f.write(tensor_bytes(p))
+            return
+        outer = self.shape[:self.dim].numel()
+        rows = [p.reshape(outer, -1) for p in self.parts]  # a view for weights (2-D, dim 1)
+        row_bytes = max(self.numel() // outer * self.element_size(), 1)
+        step = max(1, self.BLOCK_BYTES // row_bytes)
+        for start in range(0, outer, step):
+            block = torch.cat([r[start:start + step] for r in rows], dim=1)
+            f.write(tensor_bytes(block))
