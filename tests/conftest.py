@@ -39,3 +39,13 @@ def smollm2_decomposed(smollm2):
     import dataclasses
 
     return dataclasses.replace(smollm2, program=smollm2.program.run_decompositions())
+
+
+@pytest.fixture(scope="session")
+def smollm2_decomposed_engine(smollm2_decomposed, tmp_path_factory):
+    """The decomposed SmolLM2 through the default pipeline."""
+    import arcompile
+
+    out = tmp_path_factory.mktemp("engines") / "smollm2_decomposed"
+    arcompile.optimize(smollm2_decomposed, out, log=None)
+    return out

@@ -30,3 +30,23 @@ def run_onnx(graph: Graph, folder: Path, tokens: torch.Tensor) -> np.ndarray:
 def ops(graph: Graph) -> list[str]:
     """Op names in graph order, without inputs and constants."""
     return [n.op for n in graph.nodes() if n.op not in ("arc.input", "arc.constant")]
+
+
+def cleanup(graph: Graph, dce: bool = False) -> Graph:
+    """The passes every fusion runs after (remove_noops, constant_folding, cse; dce if asked)."""
+    from arcompile.passes import PassManager, build_pipeline
+
+    PassManager(build_pipeline(["remove_noops", "constant_folding", "cse"] +
+                               (["dce"] if dce else []))).run(graph)
+    return graph
+
+
+def apply_pass(graph: Graph, p):
+    """Run one pass, clear what it disconnected, check the graph; the pass's result."""
+    from arcompile.ir import verify
+    from arcompile.passes.dce import DeadCodeElimination
+
+    result = p.run(graph)
+    DeadCodeElimination().run(graph)
+    verify(graph)
+    return result

@@ -198,7 +198,10 @@ def test_dce_keeps_used_nodes_and_unused_graph_inputs():
 
 
 def test_pipeline_order_presets_and_unknown_pass():
-    assert [p.name for p in build_pipeline("default")] == ["remove_noops", "constant_folding",
+    assert [p.name for p in build_pipeline("default")] == [
+        "remove_noops", "constant_folding", "cse", "fuse_norms", "fuse_rope", "fuse_attention",
+        "fuse_mlp", "merge_linears", "dce"]
+    assert [p.name for p in build_pipeline("cleanup")] == ["remove_noops", "constant_folding",
                                                           "cse", "dce"]
     assert build_pipeline("none") == []
     assert [p.name for p in build_pipeline("dce,remove_noops")] == ["remove_noops", "dce"]

@@ -28,24 +28,52 @@ def engine(smollm2_engine):
     return arcompile.load(smollm2_engine)
 
 
-def test_greedy_tokens_equal_transformers_eager(smollm2, engine):
+@pytest.fixture(scope="module", params=["exported", "decomposed"])
+def any_form_engine(request):
+    """The engine built from each traced form (sdpa kept, or decomposed to bmm/softmax)."""
+    name = "smollm2_engine" if request.param == "exported" else "smollm2_decomposed_engine"
+    return arcompile.load(request.getfixturevalue(name))
+
+
+@pytest.fixture(scope="module")
+def greedy_prompt_and_reference(smollm2):
     tok = smollm2.tokenizer
     prompt = tok.encode(pydoc_text(2000, 200))[:40]
     hf = smollm2.module.model  # the transformers LlamaForCausalLM that was exported
     with torch.no_grad():
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
                            min_new_tokens=32, pad_token_id=tok.eos_token_id)[0, len(prompt):]
-    assert engine.generate(prompt, max_new_tokens=32) == want.tolist()
+    return prompt, want.tolist()
 
 
-def test_logits_match_eager_on_64_tokens_of_text(smollm2, engine):
+def test_greedy_tokens_equal_transformers_eager(any_form_engine, greedy_prompt_and_reference):
+    prompt, want = greedy_prompt_and_reference
+    assert any_form_engine.generate(prompt, max_new_tokens=32) == want
+
+
+def test_logits_match_eager_on_64_tokens_of_text(smollm2, any_form_engine):
     ids = smollm2.tokenizer.encode(pydoc_text(50000, 600))[:64]
     assert len(ids) == 64
     with torch.no_grad():
         want = smollm2.module(torch.tensor([ids])).numpy()
-    got = engine.logits(ids)
+    got = any_form_engine.logits(ids)
     assert got.shape == (1, 64, 49152)
     assert float(np.abs(got - want).max()) <= 1e-4
+
+
+def test_one_fused_attention_per_layer_and_no_softmax_left(any_form_engine):
+    import onnx
+    from collections import Counter
+
+    passes = {p["name"]: p["counts"] for p in any_form_engine.manifest["passes"]}
+    assert sum(passes["fuse_attention"].values()) == 30
+    assert sum(passes["fuse_rope"].values()) == 60
+    assert passes["fuse_norms"]["rms_norm"] == 61
+    assert sum(passes["fuse_mlp"].values()) == 30
+    model = onnx.load(str(any_form_engine.path / "model.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["Softmax"] == 0
+    assert ops["Attention"] + ops["GroupQueryAttention"] + ops["MultiHeadAttention"] == 30
 
 
 def test_chat_prompt_answers_paris(engine):

@@ -21,7 +21,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from arcompile.errors import UnsupportedOpError
-from arcompile.ir.graph import SYM_BOOL, SYM_FLOAT, SYM_INT, Graph, Value
+from arcompile.ir.graph import SYM_BOOL, SYM_FLOAT, SYM_INT, Graph
 
 _SYM_OPS = {
     operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",

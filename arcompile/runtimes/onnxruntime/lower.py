@@ -17,7 +17,8 @@ from arcompile.errors import UnsupportedOpError
 from arcompile.ir.graph import SYM_DTYPES, Graph, Value
 # Importing the ops_* modules fills the lowering table.
 from arcompile.runtimes.onnxruntime import (  # noqa: F401
-    ops_attention, ops_creation, ops_elementwise, ops_index, ops_nn, ops_reduce, ops_shape, ops_sym)
+    ops_arc_attention, ops_arc_mlp, ops_arc_norms, ops_arc_rope, ops_attention, ops_creation,
+    ops_elementwise, ops_index, ops_nn, ops_reduce, ops_shape, ops_sym)
 from arcompile.runtimes.onnxruntime.context import LowerContext
 from arcompile.runtimes.onnxruntime.dtypes import dtype_name, onnx_type
 from arcompile.runtimes.onnxruntime.registry import STRUCTURAL_OPS, lowering_for
@@ -27,6 +28,9 @@ from arcompile.runtimes.onnxruntime.weights import write_weights
 OPSET = 21
 # IR version 10 goes with opset 21 and keeps older ORT builds able to load the file.
 IR_VERSION = 10
+# Standard ops newer than OPSET that a lowering may emit: a model holding one is written at
+# that opset (and IR version 11) instead; the ops above keep their meaning up to opset 23.
+NEWER_OPS = {"Attention": 23}
 
 
 def check_supported(graph: Graph) -> None:
@@ -64,9 +68,10 @@ def lower_to_onnx(graph: Graph, out_dir: Path, model_file: str = "model.onnx") -
     onnx_graph = helper.make_graph(ctx.nodes, graph.name, inputs, outputs, initializer=initializers)
     # ORT's fused kernels live in the com.microsoft domain (version 1); import it when used
     domains = sorted({n.domain for n in ctx.nodes if n.domain not in ("", "ai.onnx")})
-    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in domains]
-    model = helper.make_model(onnx_graph, opset_imports=opsets,
-                              producer_name="arcompile", ir_version=IR_VERSION)
+    opset = max([OPSET] + [NEWER_OPS.get(n.op_type, 0) for n in ctx.nodes if n.domain == ""])
+    opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in domains]
+    model = helper.make_model(onnx_graph, opset_imports=opsets, producer_name="arcompile",
+                              ir_version=IR_VERSION if opset == OPSET else 11)
     # The protobuf holds no weight bytes, so serializing it directly is small and fast.
     (out_dir / model_file).write_bytes(model.SerializeToString())
     return {"inputs": [_describe(v.name, v) for v in graph.inputs],
