@@ -21,6 +21,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
                       check_numerics=not args.no_check, log=_log)
+    if args.explain:
+        for record in report.passes:
+            for note in record.notes:
+                print(f"{record.name}: {note}")
     print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
           f"{report.seconds:.1f} s)")
     return 0
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--passes", default="default",
                    help="preset (default, none) or comma-separated pass names")
     o.add_argument("--tokenizer", help="folder with a tokenizer to store in the engine")
+    o.add_argument("--explain", action="store_true",
+                   help="list every candidate a pass did not rewrite, and why")
     o.add_argument("--no-check", action="store_true",
                    help="skip the numeric check after every pass and after lowering")
     o.set_defaults(func=cmd_optimize)

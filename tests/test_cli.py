@@ -197,3 +197,28 @@ def test_inspect_an_engine_and_a_model(capsys, engine_dir, tmp_path):
     assert code == 0
     assert "(%idx: i64[B, T]) -> (" in out
     assert "aten.embedding(weight=" in out and "# ... " in out
+
+
+class _Bidirectional(torch.nn.Module):
+    """Attention with no causal mask: fuse_attention must leave it and say why."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+
+    def forward(self, ids):
+        x = self.emb(ids).unsqueeze(1)  # (B, 1, T, 16)
+        y = torch.nn.functional.scaled_dot_product_attention(x, x, x)
+        return y.squeeze(1)
+
+
+def test_optimize_explains_what_a_pass_did_not_rewrite(capsys, tmp_path):
+    from arcompile.frontend.export import export_module
+
+    archive = tmp_path / "bidi.pt2"
+    torch.export.save(export_module(_Bidirectional().eval(), vocab_size=32), archive)
+    code, out, err = run_cli(capsys, "optimize", str(archive), "-o", str(tmp_path / "out"),
+                             "--explain")
+    assert code == 0
+    assert "fuse_attention" in err and "1 not applied" in err
+    assert any(l.startswith("fuse_attention: ") and "not fused" in l for l in out.splitlines())

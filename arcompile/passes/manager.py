@@ -116,5 +116,6 @@ class PassManager:
 def format_record(r: PassRecord) -> str:
     rules = ", ".join(f"{k}={v}" for k, v in r.counts.items() if v) or "no change"
     check = f", max|Δlogit| {r.max_abs_diff:.2g}" if r.max_abs_diff is not None else ""
+    notes = f", {len(r.notes)} not applied (--explain says why)" if r.notes else ""
     return (f"  {r.name:<18} {r.nodes_before:>6} -> {r.nodes_after:<6} nodes  "
-            f"{r.seconds * 1000:7.1f} ms  {rules}{check}")
+            f"{r.seconds * 1000:7.1f} ms  {rules}{check}{notes}")
