@@ -80,25 +80,28 @@ def _gqa(ctx: LowerContext, node: Node) -> str:
 def _plain(ctx: LowerContext, node: Node) -> str:
     """softmax(where(causal, q*scale @ k^T, -inf)) @ v with MatMul / Softmax."""
     query, key, value = node.inputs
-    a = node.attrs
+    return attend(ctx, ctx.name(query), ctx.name(key), ctx.name(value), node.attrs, query.dtype)
+
+
+def attend(ctx: LowerContext, query: str, key: str, value: str, a: dict, dtype) -> str:
+    """The plain attention of ONNX names query (B, Hq, L, D) over key/value (B, Hkv, S, D),
+    causal bottom-right aligned; shared by the cached lowering (ops_arc_kv_cache.py)."""
     heads, kv_heads = a["num_heads"], a["num_kv_heads"]
-    dtype = query.dtype
-    key_name, value_name = ctx.name(key), ctx.name(value)
+    key_all, value_all = key, value
     if heads != kv_heads:
-        key_name, value_name = (_repeat_kv(ctx, n, heads // kv_heads, heads, a["head_dim"])
-                                for n in (key_name, value_name))
-    q = ctx.op("Mul", [ctx.name(query), ctx.const(float(a["scale"]), dtype)])
-    scores = ctx.op("MatMul", [q, ctx.op("Transpose", [key_name], perm=[0, 1, 3, 2])])
+        key_all, value_all = (_repeat_kv(ctx, n, heads // kv_heads, heads, a["head_dim"])
+                              for n in (key, value))
+    q = ctx.op("Mul", [query, ctx.const(float(a["scale"]), dtype)])
+    scores = ctx.op("MatMul", [q, ctx.op("Transpose", [key_all], perm=[0, 1, 3, 2])])
     if a.get("causal", True):
-        scores = ctx.op("Where", [_causal(ctx, query, key), scores,
-                                  ctx.const(-math.inf, dtype)])
+        scores = ctx.op("Where", [_causal(ctx, query, key), scores, ctx.const(-math.inf, dtype)])
     work = getattr(torch, a.get("softmax_dtype", "float32"))
     if work != dtype:
         scores = ctx.op("Cast", [scores], to=onnx_type(work))
     probs = ctx.op("Softmax", [scores], axis=-1)
     if work != dtype:
         probs = ctx.op("Cast", [probs], to=onnx_type(dtype))
-    return ctx.op("MatMul", [probs, value_name])
+    return ctx.op("MatMul", [probs, value_all])
 
 
 def _repeat_kv(ctx: LowerContext, name: str, groups: int, heads: int, dim: int) -> str:
@@ -108,10 +111,10 @@ def _repeat_kv(ctx: LowerContext, name: str, groups: int, heads: int, dim: int) 
     return ctx.op("Reshape", [wide, ctx.i64([0, heads, -1, dim])])
 
 
-def _causal(ctx: LowerContext, query, key) -> str:
+def _causal(ctx: LowerContext, query: str, key: str) -> str:
     """[L, S] bool: key j visible to query i iff j <= i + (S - L)."""
-    length = ctx.op("Reshape", [ctx.shape_of(query, 2, 3), ctx.i64([])])
-    source = ctx.op("Reshape", [ctx.shape_of(key, 2, 3), ctx.i64([])])
+    length = ctx.op("Reshape", [ctx.op("Shape", [query], start=2, end=3), ctx.i64([])])
+    source = ctx.op("Reshape", [ctx.op("Shape", [key], start=2, end=3), ctx.i64([])])
     zero, one = ctx.const(0, torch.int64), ctx.const(1, torch.int64)
     offset = ctx.op("Sub", [source, length])
     rows = ctx.op("Range", [offset, ctx.op("Add", [length, offset]), one])
