@@ -20,11 +20,15 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from arcompile.compile import optimize
 
     report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
-                      check_numerics=not args.no_check, log=_log)
+                      check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache)
     if args.explain:
         for record in report.passes:
             for note in record.notes:
                 print(f"{record.name}: {note}")
+    if report.kv_cache is not None:
+        print(f"kv cache: on ({report.kv_cache['layers']} layers)")
+    elif report.kv_cache_refused:
+        print(f"kv cache: not inserted, engine is uncached: {report.kv_cache_refused}")
     print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
           f"{report.seconds:.1f} s)")
     return 0
@@ -103,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every candidate a pass did not rewrite, and why")
     o.add_argument("--no-check", action="store_true",
                    help="skip the numeric check after every pass and after lowering")
+    o.add_argument("--kv-cache", action="store_true",
+                   help="insert a KV cache (opt-in): prefill then one token per step; if the "
+                        "pass refuses, the uncached engine is written and the reason printed")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")

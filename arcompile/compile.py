@@ -5,9 +5,14 @@ The steps, each reported through ``log``:
 2. convert it to the IR and verify it;
 3. run the pipeline with hooks that verify the graph and check its logits on sample tokens
    after every pass (against the graph as traced, run by the reference interpreter);
-4. lower to ONNX in a staging folder, run the lowered model on the same sample tokens with
-   ONNX Runtime's own optimizations off, and compare once more;
-5. write the manifest and move the folder into place.
+4. with ``kv_cache=True`` only: insert the KV cache (``InsertKVCache`` then DCE) after the
+   checked pipeline, outside the numeric check (the graph's inputs change; the pass proves the
+   cached step against full recomputation itself). A refusal keeps the uncached graph, says
+   why and records the reason in the manifest (``kv_cache_refused``);
+5. lower to ONNX in a staging folder, run the lowered model on the same sample tokens with
+   ONNX Runtime's own optimizations off, and compare once more (a cached graph: with an empty
+   cache, and split in two steps with the presents fed back);
+6. write the manifest and move the folder into place.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class OptimizeReport:
     nodes_final: int
     seconds: float
     manifest: dict = field(default_factory=dict)
+    kv_cache: dict | None = None  # the manifest's cache layout; None when uncached
+    kv_cache_refused: str | None = None  # why InsertKVCache left the graph uncached
 
 
 def _sample_tokens(vocab_size: int) -> torch.Tensor:
@@ -53,11 +60,12 @@ def _sample_tokens(vocab_size: int) -> torch.Tensor:
 def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = None,
              passes: str | list[str] = "default", tokenizer: str | Path | None = None,
              check_numerics: bool = True, log: Callable[[str], None] | None = print,
-             **options: Any) -> OptimizeReport:
+             kv_cache: bool = False, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
-    take the tokenizer from when the model file has none. Unknown options are an error.
+    take the tokenizer from when the model file has none. ``kv_cache``: make a cached step
+    engine (opt-in; a refusal still writes the uncached engine). Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
@@ -84,6 +92,10 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         hooks.append(NumericCheckHook(graph, [sample]))
     say(f"running {len(pipeline)} passes on {nodes_traced} nodes")
     records = PassManager(pipeline, hooks, log=say).run(graph)
+    cache_layout, refused = None, None
+    if kv_cache:
+        cache_layout, refused, cache_records = _insert_kv_cache(graph, say)
+        records += cache_records
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
     with staging_dir(Path(output_dir)) as tmp:
@@ -91,6 +103,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
 
         say("lowering to ONNX")
         io = lower_to_onnx(graph, tmp)
+        if cache_layout is not None:
+            cache_layout = _cache_manifest(graph, io)
         diff = _check_lowering(graph, tmp, sample) if check_numerics else float("nan")
         if check_numerics:
             say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
@@ -102,7 +116,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             "inputs": io["inputs"],
             "outputs": io["outputs"],
             "padding_side": "right",
-            "kv_cache": None,
+            "kv_cache": cache_layout,
+            **({"kv_cache_refused": refused} if refused else {}),
             "passes": [r.as_dict() for r in records],
             "lowering_max_abs_diff": diff,
             "source": {"path": loaded.source, "kind": loaded.source_kind,
@@ -114,17 +129,73 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     seconds = time.perf_counter() - start
     say(f"wrote {output_dir} in {seconds:.1f} s")
     return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
-                          manifest)
+                          manifest, cache_layout, refused)
+
+
+def _insert_kv_cache(graph, say: Callable[[str], None]) -> tuple[dict | None, str | None, list]:
+    """InsertKVCache then DCE, verified; (the pass's layout or None, refusal reason, records)."""
+    from arcompile.passes.dce import DeadCodeElimination
+    from arcompile.passes.insert_kv_cache import InsertKVCache
+
+    say("inserting the KV cache")
+    records = PassManager([InsertKVCache(), DeadCodeElimination()], [VerifyHook()],
+                          log=say).run(graph)
+    layout = graph.meta.get("kv_cache")
+    if layout is not None and records[0].counts.get("attention_cached"):
+        return dict(layout), None, records
+    reason = "; ".join(records[0].notes) or "insert_kv_cache: refused (no reason given)"
+    say(f"  KV cache not inserted, the engine is uncached: {reason}")
+    return None, reason, records
+
+
+def _cache_manifest(graph, io: dict) -> dict:
+    """The manifest's ``kv_cache`` entry: names of the cache inputs/outputs and their shape."""
+    layout = dict(graph.meta["kv_cache"])
+    pasts = [graph.inputs[[v.name for v in graph.inputs].index(k)]
+             for k, _ in layout["past"]]
+    heads = sorted({v.shape[1] for v in pasts})
+    dims = sorted({v.shape[3] for v in pasts})
+    layout.update({
+        "logits": io["outputs"][0]["name"],  # the step's first output, [B, T, V]
+        "tokens": io["inputs"][0]["name"],
+        "layers": len(layout["past"]),
+        "num_kv_heads": heads[0] if len(heads) == 1 else [v.shape[1] for v in pasts],
+        "head_dim": dims[0] if len(dims) == 1 else [v.shape[3] for v in pasts],
+        "dtype": io["inputs"][2]["dtype"],
+        "runtime_cache": "concat",  # presents are new arrays, fed back as the next pasts
+    })
+    return layout
+
+
+def _empty_cache(graph, batch: int) -> list[torch.Tensor]:
+    return [torch.zeros((batch, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
+            for v in graph.inputs[2:]]
 
 
 def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
     from arcompile.ir.interpreter import run_graph
     from arcompile.runtimes.onnxruntime.session import make_session
 
-    want = run_graph(graph, [sample])[0].float().numpy()
     session = make_session(folder / "model.onnx", optimize=False)
-    got = session.run(None, {session.get_inputs()[0].name: sample.numpy()})[0]
-    diff = float(np.abs(got - want).max())
+    names = [i.name for i in session.get_inputs()]
+    if graph.meta.get("kv_cache") is None:
+        want = run_graph(graph, [sample])[0].float().numpy()
+        got = session.run(None, {names[0]: sample.numpy()})[0]
+        diff = float(np.abs(got - want).max())
+    else:  # cached step: the IR with an empty cache (P = 0) against ORT, all at once and
+        # in two steps with the presents fed back (the cache path itself)
+        empty = _empty_cache(graph, sample.shape[0])
+        zero = torch.tensor(0, dtype=torch.int64)
+        want = run_graph(graph, [sample, zero, *empty])[0].float().numpy()
+        whole = session.run(None, dict(zip(names, [x.numpy() for x in (sample, zero, *empty)])))
+        split = sample.shape[1] // 2
+        first = session.run(None, dict(zip(names, [x.numpy() for x in
+                                                   (sample[:, :split], zero, *empty)])))
+        second = session.run(None, dict(zip(names, [sample[:, split:].numpy(),
+                                                    np.array(split, dtype=np.int64),
+                                                    *first[1:]])))
+        stepped = np.concatenate([first[0], second[0]], axis=1)
+        diff = float(max(np.abs(whole[0] - want).max(), np.abs(stepped - want).max()))
     tolerance = LOWERING_ATOL + LOWERING_RTOL * float(np.abs(want).max())
     if not diff <= tolerance:
         raise ArcompileError(f"the lowered ONNX model differs from the IR by max|Δlogit| {diff:.3g} "

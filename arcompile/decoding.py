@@ -2,8 +2,9 @@
 
 Batches of prompts with different lengths are right-padded: a causal model's logits at a
 position never depend on the tokens after it, so each row reads its logits at its own last
-position and the padding is never seen. Until the KV cache lands, every step recomputes the
-whole prefix.
+position and the padding is never seen. Every step here recomputes the whole prefix; engines
+optimized with ``kv_cache=True`` decode batches of equal-length prompts with the cache
+(``kv_decoding.py``) and fall back to this loop for prompts of different lengths.
 
 Sampling follows the usual order: temperature, then top-k, then top-p (nucleus) over what
 is left, then a draw from a seeded numpy Generator (the same seed gives the same tokens).
@@ -78,17 +79,27 @@ class Sampler:
         return int(self.rng.choice(probs.size, p=probs))
 
 
-def decode_steps(forward: Forward, rows: list[list[int]], max_new_tokens: int, sampler: Sampler,
-                 eos_token_id: int | Sequence[int] | None = None,
-                 max_context: int | None = None) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of every row (None for rows that already stopped)."""
+def check_context(rows: Sequence[Sequence[int]], max_new_tokens: int,
+                  max_context: int | None) -> None:
+    """DecodeError unless the longest prompt plus the new tokens fits the maximum context."""
     if max_new_tokens < 0:
         raise DecodeError("max_new_tokens must be >= 0")
     longest = max(len(r) for r in rows)
     if max_context is not None and longest + max_new_tokens > max_context:
         raise DecodeError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
                           f"the engine's maximum context of {max_context}")
-    stops = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+
+
+def stop_set(eos_token_id: int | Sequence[int] | None) -> set[int]:
+    return set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+
+
+def decode_steps(forward: Forward, rows: list[list[int]], max_new_tokens: int, sampler: Sampler,
+                 eos_token_id: int | Sequence[int] | None = None,
+                 max_context: int | None = None) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of every row (None for rows that already stopped)."""
+    check_context(rows, max_new_tokens, max_context)
+    stops = stop_set(eos_token_id)
     seqs = [list(r) for r in rows]
     done = [False] * len(rows)
     for _ in range(max_new_tokens):

@@ -5,6 +5,11 @@
     new = eng.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)  # -> list[list[int]]
     logits = eng.logits([1, 2, 3])                            # -> np.ndarray [1, 3, V]
 
+An engine optimized with ``kv_cache=True`` (manifest ``kv_cache``) decodes batches of
+equal-length prompts with the cache: one prefill, then one token per step with the presents
+fed back as the next pasts. Prompts of different lengths fall back to recomputing the prefix
+every step (right padding), as do engines without a cache; padded cached batches come later.
+
 Loading checks the manifest (format version, every file's size and hash) before ONNX
 Runtime sees the model, and refuses a directory that does not match.
 """
@@ -18,6 +23,7 @@ import numpy as np
 
 from arcompile.decoding import Sampler, as_batch, decode_steps, pad_right
 from arcompile.errors import DecodeError, EngineError
+from arcompile.kv_decoding import cached_decode_steps
 from arcompile.runtimes.engine_dir import read_manifest
 
 RUNTIMES = ("onnxruntime-cpu",)
@@ -37,6 +43,19 @@ class Engine:
         self._input = self.manifest["inputs"][0]["name"]
         self._output = self.manifest["outputs"][0]["name"]
         self._tokenizer: Any = None
+        self._cache: dict | None = self.manifest.get("kv_cache")
+        if self._cache is not None:
+            self._output = self._cache["logits"]
+            inputs = {i["name"]: i for i in self.manifest["inputs"]}
+            self._past_names = [n for pair in self._cache["past"] for n in pair]
+            self._present_names = [n for pair in self._cache["present"] for n in pair]
+            self._past_shapes = [inputs[n]["shape"] for n in self._past_names]
+            self._past_dtypes = [np.dtype(inputs[n]["dtype"]) for n in self._past_names]
+
+    @property
+    def kv_cache(self) -> bool:
+        """Whether this engine decodes with a KV cache (optimized with ``kv_cache=True``)."""
+        return self._cache is not None
 
     # -- model ------------------------------------------------------------------------
     @property
@@ -48,7 +67,22 @@ class Engine:
         return self.config.get("max_position_embeddings")
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
-        return self._session.run([self._output], {self._input: ids})[0]
+        """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
+        if self._cache is None:
+            return self._session.run([self._output], {self._input: ids})[0]
+        return self._step(ids, 0, self._empty_cache(ids.shape[0]))[0]
+
+    def _empty_cache(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((batch, shape[1], 0, *shape[3:]), dtype=dtype)
+                for shape, dtype in zip(self._past_shapes, self._past_dtypes)]
+
+    def _step(self, ids: np.ndarray, past_length: int, pasts: list[np.ndarray]
+              ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One cached step: logits of the new tokens and the presents (the next pasts)."""
+        feed = {self._input: ids, self._cache["past_length"]: np.array(past_length, np.int64)}
+        feed.update(zip(self._past_names, pasts))
+        outs = self._session.run([self._output, *self._present_names], feed)
+        return outs[0], outs[1:]
 
     def logits(self, input_ids) -> np.ndarray:
         """Logits [B, T, V] for whole sequences; rows must have equal length."""
@@ -69,6 +103,11 @@ class Engine:
         """Yield each step's new token per row (None once a row has stopped)."""
         rows, _ = as_batch(input_ids)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        if self._cache is not None and len({len(r) for r in rows}) == 1:
+            yield from cached_decode_steps(self._step, self._empty_cache, rows, max_new_tokens,
+                                           sampler, eos_token_id, self.max_context)
+            return
+        # no cache, or prompts of different lengths: recompute the prefix every step
         yield from decode_steps(self._forward, rows, max_new_tokens, sampler, eos_token_id,
                                 self.max_context)
 

@@ -46,11 +46,14 @@ def lower_to_onnx(graph: Graph, out_dir: Path, model_file: str = "model.onnx") -
 
     Returns the engine's I/O description ``{"inputs": [...], "outputs": [...]}``, each entry
     ``{"name", "dtype", "shape"}`` with symbolic dims as strings. A single output is named
-    ``logits``; inputs keep their IR names. Raises UnsupportedOpError before writing anything
+    ``logits``, and so is a cached step's first output (``graph.meta["kv_cache"]``); other
+    outputs and the inputs keep their IR names. Raises UnsupportedOpError before writing anything
     when an op has no lowering.
     """
     check_supported(graph)
     out_names = ["logits"] if len(graph.outputs) == 1 else [v.name for v in graph.outputs]
+    if graph.meta.get("kv_cache") is not None:  # a cached step: logits, then the presents
+        out_names[0] = "logits"
     ctx = LowerContext(graph, reserved=[v.name for v in graph.inputs] + out_names)
     for v in graph.inputs:
         ctx.bind(v, v.name)

@@ -1,0 +1,56 @@
+"""Cached decoding: prefill the prompts, then one token per step, the cache fed back.
+
+Drives an engine written with ``optimize(..., kv_cache=True)``: a step maps the new tokens
+``[B, T]``, ``past_length`` (the P tokens already cached) and the per-layer pasts
+``[B, Hkv, P, D]`` to the logits of the new tokens and the presents ``[B, Hkv, P + T, D]``,
+which become the next step's pasts (numpy arrays; the Concat-based lowering copies the cache
+every step, the in-place buffer is a later step).
+
+All rows of a batch share one ``past_length``, so only prompts of equal length are decoded
+with the cache; the engine sends batches of different lengths to the recompute loop
+(``decoding.decode_steps``). A row that stops (EOS) is dropped from the batch and its cache.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from arcompile.decoding import Sampler, check_context, stop_set
+
+# (tokens [B, T], past_length, pasts) -> (logits [B, T, V], presents)
+Step = Callable[[np.ndarray, int, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
+
+
+def cached_decode_steps(step: Step, empty_cache: Callable[[int], list[np.ndarray]],
+                        rows: list[list[int]], max_new_tokens: int, sampler: Sampler,
+                        eos_token_id: int | Sequence[int] | None = None,
+                        max_context: int | None = None) -> Iterator[list[int | None]]:
+    """Yield, per step, the new token of every row (None for rows that already stopped).
+    ``rows`` must all have the same length."""
+    check_context(rows, max_new_tokens, max_context)
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError("cached decoding needs prompts of equal length")
+    stops = stop_set(eos_token_id)
+    live = list(range(len(rows)))  # original row index of each batch row still decoding
+    new = np.array(rows, dtype=np.int64)
+    done, cache = 0, empty_cache(len(rows))
+    for _ in range(max_new_tokens):
+        logits, cache = step(new, done, cache)
+        done += new.shape[1]
+        out: list[int | None] = [None] * len(rows)
+        tokens, keep = [], []
+        for j, i in enumerate(live):
+            token = sampler(logits[j, -1])
+            out[i] = token
+            if token not in stops:
+                keep.append(j)
+                tokens.append(token)
+        yield out
+        if not keep:
+            return
+        if len(keep) != len(live):  # drop the stopped rows from the batch and the cache
+            live = [live[j] for j in keep]
+            cache = [c[keep] for c in cache]
+        new = np.array(tokens, dtype=np.int64)[:, None]
