@@ -1,5 +1,6 @@
 """SmolLM2 decode ms/token at several contexts: arcompile's cached engine against
-transformers' own cached ``generate``, in one run, same prompts, same thread count.
+transformers' own cached ``generate`` and, when given, ONNX Runtime GenAI's model-builder
+output, in one run, same prompts, same thread count.
 
 Per-token decode time excludes the prefill: for arcompile it is the time between streamed
 tokens after the first; for transformers it is (time of generate with N new tokens - time
@@ -7,6 +8,11 @@ with 1 new token) / (N - 1). Medians over ``--repeats`` runs. Ratios are the fig
 read; absolute times drift on shared machines.
 
     python bench/decode_latency.py [--contexts 128 1024] [--new-tokens 32] [--threads 2]
+        [--genai-python VENV/bin/python --genai-model GENAI_DIR]
+
+ONNX Runtime GenAI pins its own onnxruntime, so it lives in its own virtualenv and is run
+through bench/genai_decode.py (see there for how GENAI_DIR is built). Without those options
+the peer is skipped and the JSON says so.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +65,16 @@ def transformers_decode_ms(model, ids: list[int], new: int) -> float:
     return (run(new) - run(1)) / (new - 1) * 1000
 
 
+def genai_decode_ms(python: str, model: str, prompts: dict[str, list[int]], new: int,
+                    threads: int) -> dict[str, float]:
+    request = json.dumps({"model": model, "threads": threads, "new_tokens": new,
+                          "prompts": prompts})
+    script = str(Path(__file__).parent / "genai_decode.py")
+    done = subprocess.run([python, script], input=request, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
@@ -65,8 +82,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--genai-python", help="python of a virtualenv with onnxruntime-genai")
+    parser.add_argument("--genai-model", help="ONNX Runtime GenAI model-builder output folder")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    genai = bool(args.genai_python and args.genai_model)
 
     loaded = load_model(str(find_smollm2_gguf()), log=lambda m: print(m, file=sys.stderr))
     hf = loaded.module.model
@@ -76,18 +96,29 @@ def main() -> None:
         if report.kv_cache is None:
             raise SystemExit(f"the KV cache was refused: {report.kv_cache_refused}")
         eng = arcompile.load(Path(tmp) / "cached", threads=args.threads)
-        for ctx in args.contexts:
-            ids = prompt_ids(loaded.tokenizer, ctx)
-            arc, ref = [], []
-            for _ in range(args.repeats):  # alternate, so drift hits both alike
-                arc.append(arcompile_decode_ms(eng, ids, args.new_tokens))
-                ref.append(transformers_decode_ms(hf, ids, args.new_tokens))
-            a, t = statistics.median(arc), statistics.median(ref)
-            results[str(ctx)] = {"arcompile_cached_ms_per_token": a,
-                                 "transformers_cached_generate_ms_per_token": t,
-                                 "speedup_vs_transformers": t / a}
-            print(f"context {ctx}: arcompile {a:.1f} ms/token, transformers {t:.1f} ms/token, "
-                  f"{t / a:.2f}x", file=sys.stderr)
+        prompts = {str(ctx): prompt_ids(loaded.tokenizer, ctx) for ctx in args.contexts}
+        times: dict[str, dict[str, list[float]]] = {
+            ctx: {"arcompile": [], "transformers": [], "genai": []} for ctx in prompts}
+        for _ in range(args.repeats):  # alternate the systems, so drift hits all alike
+            for ctx, ids in prompts.items():
+                times[ctx]["arcompile"].append(arcompile_decode_ms(eng, ids, args.new_tokens))
+                times[ctx]["transformers"].append(transformers_decode_ms(hf, ids, args.new_tokens))
+            if genai:
+                for ctx, ms in genai_decode_ms(args.genai_python, args.genai_model, prompts,
+                                               args.new_tokens, args.threads).items():
+                    times[ctx]["genai"].append(ms)
+        for ctx, t in times.items():
+            a, h = statistics.median(t["arcompile"]), statistics.median(t["transformers"])
+            results[ctx] = {"arcompile_cached_ms_per_token": a,
+                            "transformers_cached_generate_ms_per_token": h,
+                            "speedup_vs_transformers": h / a}
+            line = f"context {ctx}: arcompile {a:.1f} ms/token, transformers {h:.1f} ({h / a:.2f}x)"
+            if genai:
+                g = statistics.median(t["genai"])
+                results[ctx].update({"onnxruntime_genai_fp32_ms_per_token": g,
+                                     "arcompile_over_genai": a / g})
+                line += f", ORT GenAI fp32 {g:.1f} (arcompile/genai {a / g:.2f}x)"
+            print(line, file=sys.stderr)
     first, last = str(args.contexts[0]), str(args.contexts[-1])
     result = {
         "benchmark": "decode_latency",
@@ -97,7 +128,8 @@ def main() -> None:
         "contexts": results,
         "arcompile_flatness_last_over_first": (results[last]["arcompile_cached_ms_per_token"] /
                                                results[first]["arcompile_cached_ms_per_token"]),
-        "peers_not_measured": {"onnxruntime-genai": "not installed in this environment"},
+        "peers_not_measured": ({} if genai else
+                               {"onnxruntime-genai": "not given (--genai-python/--genai-model)"}),
         "machine": {"python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
