@@ -10,8 +10,9 @@ read; absolute times drift on shared machines.
     python bench/decode_latency.py [--contexts 128 1024] [--new-tokens 32] [--threads 2]
         [--genai-python VENV/bin/python --genai-model GENAI_DIR]
 
-ONNX Runtime GenAI pins its own onnxruntime, so it lives in its own virtualenv and is run
-through bench/genai_decode.py (see there for how GENAI_DIR is built). Without those options
+ONNX Runtime GenAI runs through bench/genai_decode.py under the Python given (its own
+virtualenv keeps it and its builder's packages out of arcompile's; see there for how
+GENAI_DIR is built). Without those options
 the peer is skipped and the JSON says so.
 """
 

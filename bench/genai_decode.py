@@ -1,16 +1,17 @@
 """Peer measurement for bench/decode_latency.py: ONNX Runtime GenAI decode ms/token.
 
-Runs under a Python that has onnxruntime-genai installed (it pins its own onnxruntime, so it
-is kept out of arcompile's environment); decode_latency.py calls it as a subprocess with a
-JSON request on stdin and reads a JSON answer on stdout:
+Runs under a Python that has onnxruntime-genai installed: a virtualenv of its own keeps the
+peer and its model builder's extra packages (onnx_ir, onnxscript) out of the environment
+arcompile's tests run in, but any Python with it works. decode_latency.py calls it as a
+subprocess with a JSON request on stdin and reads a JSON answer on stdout:
 
     {"model": DIR, "threads": 2, "new_tokens": 32, "prompts": {"128": [ids...], ...}}
     -> {"128": ms_per_token, ...}
 
 DIR is the output of ``python -m onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e
 cpu`` (HF_DIR from ``bench/smollm2_hf_folder.py``; the builder also needs onnx_ir and
-onnxscript in its virtualenv); the thread count is written into its genai_config.json. Per-token time is the median
-of the steps after the first generated token (the prefill is excluded).
+onnxscript); the thread count is written into its genai_config.json. Per-token time is the
+median of the steps after the first generated token (the prefill is excluded).
 """
 
 from __future__ import annotations
