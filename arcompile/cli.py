@@ -20,7 +20,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from arcompile.compile import optimize
 
     report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
-                      check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache)
+                      check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
+                      kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context)
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -110,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--kv-cache", action="store_true",
                    help="insert a KV cache (opt-in): prefill then one token per step; if the "
                         "pass refuses, the uncached engine is written and the reason printed")
+    o.add_argument("--kv-cache-runtime", choices=("concat", "inplace"), default="concat",
+                   help="with --kv-cache: concat (presents fed back as new arrays) or inplace "
+                        "(GroupQueryAttention writing into preallocated buffers)")
+    o.add_argument("--max-context", type=int, default=None,
+                   help="with --kv-cache-runtime inplace: the cache buffers' capacity in tokens "
+                        "(default: the model's max_position_embeddings)")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")

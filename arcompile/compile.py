@@ -11,7 +11,8 @@ The steps, each reported through ``log``:
    why and records the reason in the manifest (``kv_cache_refused``);
 5. lower to ONNX in a staging folder, run the lowered model on the same sample tokens with
    ONNX Runtime's own optimizations off, and compare once more (a cached graph: with an empty
-   cache, and split in two steps with the presents fed back);
+   cache, and split in two steps with the presents fed back; ``kv_cache_runtime="inplace"``:
+   the same two ways through the engine's step, buffers bound as both past and present);
 6. write the manifest and move the folder into place.
 """
 
@@ -60,15 +61,21 @@ def _sample_tokens(vocab_size: int) -> torch.Tensor:
 def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = None,
              passes: str | list[str] = "default", tokenizer: str | Path | None = None,
              check_numerics: bool = True, log: Callable[[str], None] | None = print,
-             kv_cache: bool = False, **options: Any) -> OptimizeReport:
+             kv_cache: bool = False, kv_cache_runtime: str = "concat",
+             max_context: int | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
     take the tokenizer from when the model file has none. ``kv_cache``: make a cached step
-    engine (opt-in; a refusal still writes the uncached engine). Unknown options are an error.
+    engine (opt-in; a refusal still writes the uncached engine). ``kv_cache_runtime``:
+    ``"concat"`` (presents are new arrays fed back) or ``"inplace"`` (GroupQueryAttention
+    writing into preallocated [B, Hkv, max_context, D] buffers; ``max_context`` defaults to
+    the model's ``max_position_embeddings``). Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
+    if kv_cache_runtime not in ("concat", "inplace"):
+        raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     pipeline = build_pipeline(passes)  # fail on a bad --passes before the slow load
@@ -96,6 +103,13 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     if kv_cache:
         cache_layout, refused, cache_records = _insert_kv_cache(graph, say)
         records += cache_records
+        if cache_layout is not None and kv_cache_runtime == "inplace":
+            max_context = max_context or loaded.config.get("max_position_embeddings")
+            if not max_context or int(max_context) < 1:
+                raise ArcompileError("kv_cache_runtime='inplace' needs max_context (the model "
+                                     "config has no max_position_embeddings)")
+            graph.meta["kv_cache"]["runtime_cache"] = "inplace"
+            graph.meta["kv_cache"]["max_context"] = int(max_context)
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
     with staging_dir(Path(output_dir)) as tmp:
@@ -162,7 +176,9 @@ def _cache_manifest(graph, io: dict) -> dict:
         "num_kv_heads": heads[0] if len(heads) == 1 else [v.shape[1] for v in pasts],
         "head_dim": dims[0] if len(dims) == 1 else [v.shape[3] for v in pasts],
         "dtype": io["inputs"][2]["dtype"],
-        "runtime_cache": "concat",  # presents are new arrays, fed back as the next pasts
+        # concat: presents are new arrays, fed back as the next pasts; inplace: past and
+        # present are bound to the same [B, Hkv, max_context, D] buffers (I/O binding)
+        "runtime_cache": layout.get("runtime_cache", "concat"),
     })
     return layout
 
@@ -182,6 +198,8 @@ def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
         want = run_graph(graph, [sample])[0].float().numpy()
         got = session.run(None, {names[0]: sample.numpy()})[0]
         diff = float(np.abs(got - want).max())
+    elif graph.meta["kv_cache"].get("runtime_cache") == "inplace":
+        diff, want = _check_inplace(graph, session, sample)
     else:  # cached step: the IR with an empty cache (P = 0) against ORT, all at once and
         # in two steps with the presents fed back (the cache path itself)
         empty = _empty_cache(graph, sample.shape[0])
@@ -201,6 +219,33 @@ def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
         raise ArcompileError(f"the lowered ONNX model differs from the IR by max|Δlogit| {diff:.3g} "
                              f"(tolerance {tolerance:.3g}); this is a lowering bug")
     return diff
+
+
+def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndarray]:
+    """The in-place step as the engine drives it (buffers bound as past and present): the
+    IR with an empty cache against ORT all at once and split in two steps."""
+    from arcompile.ir.interpreter import run_graph
+    from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
+
+    layout = graph.meta["kv_cache"]
+    empty = _empty_cache(graph, sample.shape[0])
+    zero = torch.tensor(0, dtype=torch.int64)
+    want = run_graph(graph, [sample, zero, *empty])[0].float().numpy()
+    pasts = graph.inputs[2:]
+    step = InplaceStep(session, graph.inputs[0].name, layout["past_length"],
+                       session.get_outputs()[0].name, [v.name for v in pasts],
+                       [n for pair in layout["present"] for n in pair],
+                       max(layout["max_context"], sample.shape[1]))
+    shapes = [v.shape for v in pasts]
+    dtypes = [np.dtype(str(v.dtype).removeprefix("torch.")) for v in pasts]
+    ids = sample.numpy()
+    whole, _ = step(ids, 0, step.buffers(ids.shape[0], shapes, dtypes))
+    split = ids.shape[1] // 2
+    buffers = step.buffers(ids.shape[0], shapes, dtypes)
+    first, buffers = step(ids[:, :split], 0, buffers)
+    second, _ = step(ids[:, split:], split, buffers)
+    stepped = np.concatenate([first, second], axis=1)
+    return float(max(np.abs(whole - want).max(), np.abs(stepped - want).max())), want
 
 
 def _tokenizer(from_source: Any, folder: str | Path | None) -> Any:

@@ -7,8 +7,11 @@
 
 An engine optimized with ``kv_cache=True`` (manifest ``kv_cache``) decodes batches of
 equal-length prompts with the cache: one prefill, then one token per step with the presents
-fed back as the next pasts. Prompts of different lengths fall back to recomputing the prefix
-every step (right padding), as do engines without a cache; padded cached batches come later.
+fed back as the next pasts (``runtime_cache: "concat"``), or, optimized with
+``kv_cache_runtime="inplace"``, written into per-layer [B, Hkv, max_context, D] buffers
+allocated at prefill and bound as both past and present (no copy of the cache per step).
+Prompts of different lengths fall back to recomputing the prefix every step (right padding),
+as do engines without a cache; padded cached batches come later.
 
 Loading checks the manifest (format version, every file's size and hash) before ONNX
 Runtime sees the model, and refuses a directory that does not match.
@@ -44,6 +47,7 @@ class Engine:
         self._output = self.manifest["outputs"][0]["name"]
         self._tokenizer: Any = None
         self._cache: dict | None = self.manifest.get("kv_cache")
+        self._inplace = None  # the in-place step (runtime_cache "inplace"), else None
         if self._cache is not None:
             self._output = self._cache["logits"]
             inputs = {i["name"]: i for i in self.manifest["inputs"]}
@@ -51,6 +55,13 @@ class Engine:
             self._present_names = [n for pair in self._cache["present"] for n in pair]
             self._past_shapes = [inputs[n]["shape"] for n in self._past_names]
             self._past_dtypes = [np.dtype(inputs[n]["dtype"]) for n in self._past_names]
+            if self._cache.get("runtime_cache") == "inplace":  # buffers bound past = present
+                from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
+
+                self._inplace = InplaceStep(self._session, self._input,
+                                            self._cache["past_length"], self._output,
+                                            self._past_names, self._present_names,
+                                            int(self._cache["max_context"]))
 
     @property
     def kv_cache(self) -> bool:
@@ -64,7 +75,11 @@ class Engine:
 
     @property
     def max_context(self) -> int | None:
-        return self.config.get("max_position_embeddings")
+        """The model's maximum context; an in-place cached engine: at most its buffers'."""
+        limits = [self.config.get("max_position_embeddings"),
+                  (self._cache or {}).get("max_context")]
+        limits = [int(n) for n in limits if n]
+        return min(limits) if limits else None
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
@@ -72,13 +87,17 @@ class Engine:
             return self._session.run([self._output], {self._input: ids})[0]
         return self._step(ids, 0, self._empty_cache(ids.shape[0]))[0]
 
-    def _empty_cache(self, batch: int) -> list[np.ndarray]:
+    def _empty_cache(self, batch: int) -> list:
+        if self._inplace is not None:  # the buffers the whole decode writes into
+            return self._inplace.buffers(batch, self._past_shapes, self._past_dtypes)
         return [np.zeros((batch, shape[1], 0, *shape[3:]), dtype=dtype)
                 for shape, dtype in zip(self._past_shapes, self._past_dtypes)]
 
     def _step(self, ids: np.ndarray, past_length: int, pasts: list[np.ndarray]
               ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One cached step: logits of the new tokens and the presents (the next pasts)."""
+        if self._inplace is not None:
+            return self._inplace(ids, past_length, pasts)
         feed = {self._input: ids, self._cache["past_length"]: np.array(past_length, np.int64)}
         feed.update(zip(self._past_names, pasts))
         outs = self._session.run([self._output, *self._present_names], feed)
@@ -105,7 +124,8 @@ class Engine:
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
         if self._cache is not None and len({len(r) for r in rows}) == 1:
             yield from cached_decode_steps(self._step, self._empty_cache, rows, max_new_tokens,
-                                           sampler, eos_token_id, self.max_context)
+                                           sampler, eos_token_id, self.max_context,
+                                           drop_stopped=self._inplace is None)
             return
         # no cache, or prompts of different lengths: recompute the prefix every step
         yield from decode_steps(self._forward, rows, max_new_tokens, sampler, eos_token_id,

@@ -8,7 +8,7 @@ with 1 new token) / (N - 1). Medians over ``--repeats`` runs. Ratios are the fig
 read; absolute times drift on shared machines.
 
     python bench/decode_latency.py [--contexts 128 1024] [--new-tokens 32] [--threads 2]
-        [--genai-python VENV/bin/python --genai-model GENAI_DIR]
+        [--genai-python VENV/bin/python --genai-model GENAI_DIR] [--kv-cache-runtime inplace]
 
 ONNX Runtime GenAI runs through bench/genai_decode.py under the Python given (its own
 virtualenv keeps it and its builder's packages out of arcompile's; see there for how
@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--genai-python", help="python of a virtualenv with onnxruntime-genai")
     parser.add_argument("--genai-model", help="ONNX Runtime GenAI model-builder output folder")
+    parser.add_argument("--kv-cache-runtime", choices=("inplace", "concat"), default="inplace",
+                        help="arcompile's cache: GroupQueryAttention writing into buffers of "
+                             "max(contexts) + new tokens (inplace), or Concat-based presents")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     genai = bool(args.genai_python and args.genai_model)
@@ -93,7 +96,9 @@ def main() -> None:
     hf = loaded.module.model
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        report = arcompile.optimize(loaded, Path(tmp) / "cached", kv_cache=True, log=None)
+        report = arcompile.optimize(loaded, Path(tmp) / "cached", kv_cache=True, log=None,
+                                    kv_cache_runtime=args.kv_cache_runtime,
+                                    max_context=max(args.contexts) + args.new_tokens)
         if report.kv_cache is None:
             raise SystemExit(f"the KV cache was refused: {report.kv_cache_refused}")
         eng = arcompile.load(Path(tmp) / "cached", threads=args.threads)

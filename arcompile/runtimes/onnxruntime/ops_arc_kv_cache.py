@@ -1,26 +1,76 @@
-"""Lowering of ``arc.attention_cached`` to ONNX Runtime, plain Concat-based form.
+"""Lowering of ``arc.attention_cached`` to ONNX Runtime, two forms.
+
+``graph.meta["kv_cache"]["runtime_cache"]`` picks one (set by ``compile.optimize``):
+
+- ``"concat"`` (default), standard opset-21 ONNX:
 
     present_key = Concat(past_key, key, axis=2); present_value likewise     # [B, Hkv, P+L, D]
     out = softmax(where(causal, q * scale @ present_key^T, -inf)) @ present_value
 
-with key j visible to query i iff ``j <= i + (S - L)`` (S = P + L), the KV heads repeated
-with Expand for grouped-query attention. Standard opset-21 ONNX only. This is the reference
-form: it copies the whole cache every step; the in-place buffer (GroupQueryAttention with a
-shared past/present buffer) is a later lowering. ``ir/opdefs/kv_cache.py`` is the yardstick.
+  with key j visible to query i iff ``j <= i + (S - L)`` (S = P + L), the KV heads repeated
+  with Expand for grouped-query attention. It copies the whole cache every step.
+
+- ``"inplace"``: com.microsoft ``GroupQueryAttention`` on BSNH-packed [B, L, H*D] tensors with
+  past_key/past_value of capacity MAX ([B, Hkv, MAX, D]; rows >= P unused) and
+  ``seqlens_k = P + L - 1`` per row, ``total_sequence_length = P + L`` (P = the graph's
+  ``past_length`` input). The runtime binds past and present to the same preallocated buffers
+  (I/O binding), so ORT writes the L new rows at P..P+L-1 in place; the presents are those
+  buffers. ``bench/probe_gqa_shared_buffer.py`` proves the mechanism.
+
+``ir/opdefs/kv_cache.py`` is the yardstick for both.
 """
 
 from __future__ import annotations
 
+import torch
+
+from arcompile.errors import UnsupportedOpError
 from arcompile.ir.graph import Node
 from arcompile.runtimes.onnxruntime.context import LowerContext
 from arcompile.runtimes.onnxruntime.ops_arc_attention import attend
 from arcompile.runtimes.onnxruntime.registry import lowering
 
+RUNTIME_CACHES = ("concat", "inplace")
+
 
 @lowering("arc.attention_cached")
 def arc_attention_cached(ctx: LowerContext, node: Node) -> list[str]:
+    layout = ctx.graph.meta.get("kv_cache") or {}
+    if layout.get("runtime_cache", "concat") == "inplace":
+        return _inplace(ctx, node, layout["past_length"])
     query, key, value, past_key, past_value = node.inputs
     present_key = ctx.op("Concat", [ctx.name(past_key), ctx.name(key)], axis=2)
     present_value = ctx.op("Concat", [ctx.name(past_value), ctx.name(value)], axis=2)
     out = attend(ctx, ctx.name(query), present_key, present_value, node.attrs, query.dtype)
     return [out, present_key, present_value]
+
+
+def _inplace(ctx: LowerContext, node: Node, past_length_name: str) -> list[str]:
+    """(B, H, L, D) -> [B, L, H*D], GroupQueryAttention over the shared buffers, and back."""
+    query, key, value, past_key, past_value = node.inputs
+    a = node.attrs
+    if not a.get("causal", True):
+        raise UnsupportedOpError("the in-place KV cache (GroupQueryAttention) is causal only; "
+                                 "use kv_cache_runtime='concat'")
+    heads, kv_heads, dim = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    past_length = next(v for v in ctx.graph.inputs if v.name == past_length_name)
+
+    def packed(v, n):  # (B, n, L, D) -> (B, L, n*D)
+        t = ctx.op("Transpose", [ctx.name(v)], perm=[0, 2, 1, 3])
+        return ctx.op("Reshape", [t, ctx.i64([0, 0, n * dim])])
+
+    q_BLHD, k_BLHD, v_BLHD = packed(query, heads), packed(key, kv_heads), packed(value, kv_heads)
+    new = ctx.cast(ctx.shape_of(query, 2, 3), torch.int64, torch.int32)  # [1] = L
+    past = ctx.cast(ctx.op("Reshape", [ctx.name(past_length), ctx.i64([1])]),
+                    torch.int64, torch.int32)  # [1] = P
+    source = ctx.op("Add", [past, new])  # [1] = P + L
+    total = ctx.op("Reshape", [source, ctx.i64([])])
+    last = ctx.op("Sub", [source, ctx.const([1], torch.int32)])
+    seqlens_k = ctx.op("Expand", [last, ctx.shape_of(query, 0, 1)])  # [B], P + L - 1 each row
+    out, present_key, present_value = ctx.op(
+        "GroupQueryAttention",
+        [q_BLHD, k_BLHD, v_BLHD, ctx.name(past_key), ctx.name(past_value), seqlens_k, total],
+        outputs=3, domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads,
+        scale=float(a["scale"]))
+    out = ctx.op("Reshape", [out, ctx.i64([0, 0, heads, dim])])
+    return [ctx.op("Transpose", [out], perm=[0, 2, 1, 3]), present_key, present_value]

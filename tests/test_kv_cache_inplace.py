@@ -1,0 +1,110 @@
+"""The in-place cached engine: ``optimize(..., kv_cache=True, kv_cache_runtime="inplace",
+max_context=N)`` lowers ``arc.attention_cached`` to GroupQueryAttention over [B, Hkv, N, D]
+buffers that the engine allocates once at prefill and binds as both past and present every
+step. Its greedy tokens equal the concat engine's and eager PyTorch's, its logits at every step
+equal full recomputation, the buffers are the same objects every step (no copy), a batch whose
+rows stop at different steps stays right, and a decode past N is a DecodeError."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import arcompile
+import tiny_models as tm
+from arcompile.cli import main
+from arcompile.errors import DecodeError
+from test_end_to_end import eager_greedy
+from test_kv_cache_engine import _source
+
+PROMPT = [5, 17, 42, 8, 99, 3]
+EQUAL = [[5, 17, 42, 8, 99, 3], [7, 300, 12, 64, 2, 250]]
+NAMES = ["llama", "gpt2", "nanogpt"]
+MAX = 64
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """name -> (eager module, in-place engine, concat engine), built once per name."""
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name)
+            module, source = _source(name, folder)
+            report = arcompile.optimize(source, folder / "inplace", kv_cache=True,
+                                        kv_cache_runtime="inplace", max_context=MAX, log=None)
+            assert report.kv_cache["runtime_cache"] == "inplace"
+            assert report.lowering_max_abs_diff <= 1e-4
+            arcompile.optimize(source, folder / "concat", kv_cache=True, log=None)
+            built[name] = (module, arcompile.load(folder / "inplace"),
+                           arcompile.load(folder / "concat"))
+        return built[name]
+    return get
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inplace_greedy_tokens_equal_concat_and_eager(name, engines):
+    module, inplace, concat = engines(name)
+    got = inplace.generate(PROMPT, max_new_tokens=32)
+    assert got == concat.generate(PROMPT, max_new_tokens=32) == eager_greedy(module, PROMPT, 32)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inplace_logits_at_every_step_equal_full_recomputation(name, engines):
+    module, inplace, _ = engines(name)
+    seq = list(PROMPT[:4])
+    buffers = inplace._empty_cache(1)
+    assert all(b.shape()[0] == 1 and b.shape()[2] == MAX for b in buffers)
+    logits, pasts = inplace._step(np.array([seq]), 0, buffers)
+    for step in range(17):  # the prefill, then 16 single-token steps
+        with torch.no_grad():
+            full = module(torch.tensor([seq])).numpy()
+        if step == 0:
+            assert np.abs(logits - full).max() <= 1e-4
+        diff = float(np.abs(logits[:, -1] - full[:, -1]).max())
+        assert diff <= 1e-4, f"step {step}: |Δlogit| {diff:.3g}"
+        token = int(logits[0, -1].argmax())
+        logits, pasts = inplace._step(np.array([[token]]), len(seq), pasts)
+        assert all(p is b for p, b in zip(pasts, buffers))  # the same buffers, never copied
+        seq.append(token)
+
+
+def test_manifest_records_the_inplace_cache(engines):
+    _, inplace, concat = engines("llama")
+    assert inplace.manifest["kv_cache"]["runtime_cache"] == "inplace"
+    assert inplace.manifest["kv_cache"]["max_context"] == MAX == inplace.max_context
+    assert concat.manifest["kv_cache"]["runtime_cache"] == "concat"
+    assert "max_context" not in concat.manifest["kv_cache"]
+
+
+def test_batch_with_a_row_stopping_early(engines):
+    module, inplace, concat = engines("llama")
+    want = [eager_greedy(module, p, 12) for p in EQUAL]
+    eos = want[1][0]  # row 1 stops at once, row 0 decodes on (row 1 kept in the buffers)
+    assert eos not in want[0]
+    got = inplace.generate(EQUAL, max_new_tokens=12, eos_token_id=eos)
+    assert got == concat.generate(EQUAL, max_new_tokens=12, eos_token_id=eos)
+    assert got == [want[0], [eos]]
+
+
+def test_decoding_past_max_context_is_a_decode_error(engines):
+    _, inplace, _ = engines("gpt2")
+    with pytest.raises(DecodeError, match=f"maximum context of {MAX}"):
+        inplace.generate(PROMPT, max_new_tokens=MAX - len(PROMPT) + 1)
+    assert len(inplace.generate(PROMPT, max_new_tokens=MAX - len(PROMPT))) == MAX - len(PROMPT)
+    with pytest.raises(DecodeError, match="cache capacity"):  # the step itself refuses too
+        inplace._step(np.array([[1, 2]]), MAX - 1, inplace._empty_cache(1))
+
+
+def test_cli_inplace(tmp_path, capsys):
+    module = tm.gpt2()
+    path = tm.trace_torchscript(module, tmp_path / "gpt2.pt")
+    code = main(["optimize", str(path), "-o", str(tmp_path / "engine"), "--kv-cache",
+                 "--kv-cache-runtime", "inplace", "--max-context", "32"])
+    assert code == 0, capsys.readouterr().err
+    eng = arcompile.load(tmp_path / "engine")
+    assert eng.manifest["kv_cache"]["runtime_cache"] == "inplace" and eng.max_context == 32
+    prompt = [5, 17, 42, 8]
+    assert eng.generate(prompt, max_new_tokens=10) == eager_greedy(module, prompt, 10)
