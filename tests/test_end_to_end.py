@@ -30,16 +30,9 @@ def eager_greedy(module: torch.nn.Module, prompt: list[int], n: int) -> list[int
     return ids[len(prompt):]
 
 
-def _source(name: str, tmp_path):
-    module = tm.BUILDERS[name]()
-    if name == "gpt2":  # the form many users have: a traced TorchScript .pt
-        return module, str(tm.trace_torchscript(module, tmp_path / "gpt2.pt"))
-    return module, module
-
-
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "llama", "nanogpt"])
 def test_greedy_tokens_equal_eager(name, tmp_path):
-    module, source = _source(name, tmp_path)
+    module, source = tm.model_and_source(name, tmp_path)
     report = arcompile.optimize(source, tmp_path / "engine", log=None)
     assert report.lowering_max_abs_diff <= 1e-4
     eng = arcompile.load(tmp_path / "engine")
@@ -55,7 +48,7 @@ def test_greedy_tokens_equal_eager(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "opt", "llama", "nanogpt"])
 def test_reference_interpreter_reproduces_eager(name, tmp_path):
-    module, source = _source(name, tmp_path)
+    module, source = tm.model_and_source(name, tmp_path)
     graph = from_exported_program(load_model(source, log=lambda _m: None).program)
     for shape in [(1, 1), (2, 9), (1, 40)]:
         x = torch.randint(0, tm.VOCAB, shape, generator=torch.Generator().manual_seed(0))

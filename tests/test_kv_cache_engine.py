@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import arcompile
 import tiny_models as tm
@@ -21,18 +20,12 @@ from arcompile.cli import main
 from arcompile.errors import DecodeError
 from arcompile.runtimes.engine_dir import MANIFEST
 from test_end_to_end import eager_greedy
+from test_insert_kv_cache import TinyAttention
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 EQUAL = [[5, 17, 42, 8, 99, 3], [7, 300, 12, 64, 2, 250]]
 RAGGED = [[5, 17, 42, 8, 99, 3], [7, 300, 12]]
 NAMES = ["gpt2", "llama", "gpt_neox", "opt", "nanogpt"]
-
-
-def _source(name: str, folder):
-    module = tm.BUILDERS[name]()
-    if name == "gpt2":  # GPT-2 as a traced TorchScript .pt
-        return module, str(tm.trace_torchscript(module, folder / "gpt2.pt"))
-    return module, module
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ def engines(tmp_path_factory):
     def get(name: str):
         if name not in built:
             folder = tmp_path_factory.mktemp(name)
-            module, source = _source(name, folder)
+            module, source = tm.model_and_source(name, folder)
             report = arcompile.optimize(source, folder / "cached", kv_cache=True, log=None)
             assert report.kv_cache is not None and report.kv_cache_refused is None
             arcompile.optimize(source, folder / "plain", log=None)
@@ -176,27 +169,8 @@ def test_max_context_is_checked_on_the_cached_path(engines):
 
 
 # -- refusal: bidirectional attention keeps a working uncached engine ------------------------
-class Bidirectional(torch.nn.Module):
-    """Embedding, learned positions, one non-causal sdpa attention, an LM head."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.wte = torch.nn.Embedding(tm.VOCAB, 32)
-        self.wpe = torch.nn.Embedding(64, 32)
-        self.qkv = torch.nn.Linear(32, 96)
-        self.head = torch.nn.Linear(32, tm.VOCAB)
-
-    def forward(self, tokens):
-        b, t = tokens.shape
-        x = self.wte(tokens) + self.wpe(torch.arange(t, device=tokens.device))
-        q, k, v = self.qkv(x).view(b, t, 3, 2, 16).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)
-        return self.head(x + y.transpose(1, 2).reshape(b, t, 32))
-
-
 def test_refusal_writes_a_working_uncached_engine(tmp_path, capsys):
-    module = Bidirectional()
+    module = TinyAttention(causal=False)  # bidirectional: never fused, so never cached
     report = arcompile.optimize(module, tmp_path / "engine", kv_cache=True, log=print)
     printed = capsys.readouterr().out
     assert report.kv_cache is None

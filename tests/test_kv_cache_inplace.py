@@ -16,7 +16,6 @@ import tiny_models as tm
 from arcompile.cli import main
 from arcompile.errors import DecodeError
 from test_end_to_end import eager_greedy
-from test_kv_cache_engine import _source
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 EQUAL = [[5, 17, 42, 8, 99, 3], [7, 300, 12, 64, 2, 250]]
@@ -32,7 +31,7 @@ def engines(tmp_path_factory):
     def get(name: str):
         if name not in built:
             folder = tmp_path_factory.mktemp(name)
-            module, source = _source(name, folder)
+            module, source = tm.model_and_source(name, folder)
             report = arcompile.optimize(source, folder / "inplace", kv_cache=True,
                                         kv_cache_runtime="inplace", max_context=MAX, log=None)
             assert report.kv_cache["runtime_cache"] == "inplace"

@@ -66,6 +66,15 @@ def trace_torchscript(module: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+def model_and_source(name: str, folder: Path) -> tuple[torch.nn.Module, object]:
+    """The eager fixture and what to hand to arcompile: GPT-2 as the form many users have, a
+    traced TorchScript .pt in ``folder``; the others as the module itself."""
+    module = BUILDERS[name]()
+    if name == "gpt2":
+        return module, str(trace_torchscript(module, folder / "gpt2.pt"))
+    return module, module
+
+
 BUILDERS = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox, "opt": opt, "nanogpt": nanogpt}
 
 
