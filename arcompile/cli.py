@@ -108,15 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every candidate a pass did not rewrite, and why")
     o.add_argument("--no-check", action="store_true",
                    help="skip the numeric check after every pass and after lowering")
-    o.add_argument("--kv-cache", action="store_true",
-                   help="insert a KV cache (opt-in): prefill then one token per step; if the "
-                        "pass refuses, the uncached engine is written and the reason printed")
-    o.add_argument("--kv-cache-runtime", choices=("concat", "inplace"), default="concat",
-                   help="with --kv-cache: concat (presents fed back as new arrays) or inplace "
-                        "(GroupQueryAttention writing into preallocated buffers)")
+    o.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="insert a KV cache: prefill then one token per step (default on); if "
+                        "the pass refuses, the uncached engine is written and the reason printed")
+    o.add_argument("--kv-cache-runtime", choices=("inplace", "concat"), default="inplace",
+                   help="inplace (default: GroupQueryAttention writing into buffers bound as "
+                        "both past and present) or concat (presents fed back as new arrays)")
     o.add_argument("--max-context", type=int, default=None,
-                   help="with --kv-cache-runtime inplace: the cache buffers' capacity in tokens "
-                        "(default: the model's max_position_embeddings)")
+                   help="the most tokens (prompt + new) the engine decodes (default: the "
+                        "model's max_position_embeddings, else 2048)")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")

@@ -5,10 +5,10 @@ The steps, each reported through ``log``:
 2. convert it to the IR and verify it;
 3. run the pipeline with hooks that verify the graph and check its logits on sample tokens
    after every pass (against the graph as traced, run by the reference interpreter);
-4. with ``kv_cache=True`` only: insert the KV cache (``InsertKVCache`` then DCE) after the
-   checked pipeline, outside the numeric check (the graph's inputs change; the pass proves the
-   cached step against full recomputation itself). A refusal keeps the uncached graph, says
-   why and records the reason in the manifest (``kv_cache_refused``);
+4. insert the KV cache (``InsertKVCache`` then DCE; on by default, ``kv_cache=False`` skips
+   it) after the checked pipeline, outside the numeric check (the graph's inputs change; the
+   pass proves the cached step against full recomputation itself). A refusal keeps the
+   uncached graph, says why and records the reason in the manifest (``kv_cache_refused``);
 5. lower to ONNX in a staging folder, run the lowered model on the same sample tokens with
    ONNX Runtime's own optimizations off, and compare once more (a cached graph: with an empty
    cache, and split in two steps with the presents fed back; ``kv_cache_runtime="inplace"``:
@@ -38,6 +38,7 @@ from arcompile.runtimes.engine_dir import staging_dir, write_manifest
 # random tokens, while a wrong lowering is off by whole units.
 LOWERING_ATOL, LOWERING_RTOL = 1e-4, 1e-5
 SAMPLE_SHAPE = (1, 8)
+DEFAULT_MAX_CONTEXT = 2048  # when the model's config names no max_position_embeddings
 
 
 @dataclass
@@ -61,21 +62,25 @@ def _sample_tokens(vocab_size: int) -> torch.Tensor:
 def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = None,
              passes: str | list[str] = "default", tokenizer: str | Path | None = None,
              check_numerics: bool = True, log: Callable[[str], None] | None = print,
-             kv_cache: bool = False, kv_cache_runtime: str = "concat",
+             kv_cache: bool = True, kv_cache_runtime: str = "inplace",
              max_context: int | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
     take the tokenizer from when the model file has none. ``kv_cache``: make a cached step
-    engine (opt-in; a refusal still writes the uncached engine). ``kv_cache_runtime``:
-    ``"concat"`` (presents are new arrays fed back) or ``"inplace"`` (GroupQueryAttention
-    writing into preallocated [B, Hkv, max_context, D] buffers; ``max_context`` defaults to
-    the model's ``max_position_embeddings``). Unknown options are an error.
+    engine (default; a refusal still writes the uncached engine, ``False`` never tries).
+    ``kv_cache_runtime``: ``"inplace"`` (default: GroupQueryAttention writing into
+    [B, Hkv, capacity, D] buffers the engine allocates per call, bound as both past and
+    present) or ``"concat"`` (presents are new arrays fed back; copies the cache every step).
+    ``max_context``: the most tokens (prompt + new) an engine decodes; defaults to the
+    model's ``max_position_embeddings``, else 2048. Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
     if kv_cache_runtime not in ("concat", "inplace"):
         raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
+    if max_context is not None and int(max_context) < 1:
+        raise ArcompileError(f"max_context must be a positive number of tokens, got {max_context}")
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     pipeline = build_pipeline(passes)  # fail on a bad --passes before the slow load
@@ -103,13 +108,10 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     if kv_cache:
         cache_layout, refused, cache_records = _insert_kv_cache(graph, say)
         records += cache_records
-        if cache_layout is not None and kv_cache_runtime == "inplace":
-            max_context = max_context or loaded.config.get("max_position_embeddings")
-            if not max_context or int(max_context) < 1:
-                raise ArcompileError("kv_cache_runtime='inplace' needs max_context (the model "
-                                     "config has no max_position_embeddings)")
-            graph.meta["kv_cache"]["runtime_cache"] = "inplace"
-            graph.meta["kv_cache"]["max_context"] = int(max_context)
+        if cache_layout is not None:
+            graph.meta["kv_cache"]["runtime_cache"] = kv_cache_runtime
+            graph.meta["kv_cache"]["max_context"] = int(
+                max_context or loaded.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
     with staging_dir(Path(output_dir)) as tmp:
@@ -184,8 +186,10 @@ def _cache_manifest(graph, io: dict) -> dict:
 
 
 def _empty_cache(graph, batch: int) -> list[torch.Tensor]:
+    from arcompile.passes.insert_kv_cache import past_inputs
+
     return [torch.zeros((batch, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
-            for v in graph.inputs[2:]]
+            for v in past_inputs(graph)]
 
 
 def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
@@ -202,16 +206,21 @@ def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
         diff, want = _check_inplace(graph, session, sample)
     else:  # cached step: the IR with an empty cache (P = 0) against ORT, all at once and
         # in two steps with the presents fed back (the cache path itself)
-        empty = _empty_cache(graph, sample.shape[0])
-        zero = torch.tensor(0, dtype=torch.int64)
-        want = run_graph(graph, [sample, zero, *empty])[0].float().numpy()
-        whole = session.run(None, dict(zip(names, [x.numpy() for x in (sample, zero, *empty)])))
+        from arcompile.passes.insert_kv_cache import step_inputs
+
+        empty = [x.numpy() for x in _empty_cache(graph, sample.shape[0])]
+        zero, all_rows = np.array(0, dtype=np.int64), np.array(0, dtype=np.int64)
+        ids = sample.numpy()
+        want = run_graph(graph, step_inputs(graph, sample, torch.tensor(0), [
+            torch.from_numpy(e) for e in empty], torch.tensor(0)))[0].float().numpy()
+
+        def run(tokens, past, pasts):
+            return session.run(None, dict(zip(names, step_inputs(graph, tokens, past, pasts,
+                                                                  all_rows))))
+        whole = run(ids, zero, empty)
         split = sample.shape[1] // 2
-        first = session.run(None, dict(zip(names, [x.numpy() for x in
-                                                   (sample[:, :split], zero, *empty)])))
-        second = session.run(None, dict(zip(names, [sample[:, split:].numpy(),
-                                                    np.array(split, dtype=np.int64),
-                                                    *first[1:]])))
+        first = run(ids[:, :split], zero, empty)
+        second = run(ids[:, split:], np.array(split, dtype=np.int64), first[1:])
         stepped = np.concatenate([first[0], second[0]], axis=1)
         diff = float(max(np.abs(whole[0] - want).max(), np.abs(stepped - want).max()))
     tolerance = LOWERING_ATOL + LOWERING_RTOL * float(np.abs(want).max())
@@ -225,27 +234,33 @@ def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndar
     """The in-place step as the engine drives it (buffers bound as past and present): the
     IR with an empty cache against ORT all at once and split in two steps."""
     from arcompile.ir.interpreter import run_graph
+    from arcompile.passes.insert_kv_cache import past_inputs, step_inputs
     from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
 
     layout = graph.meta["kv_cache"]
-    empty = _empty_cache(graph, sample.shape[0])
     zero = torch.tensor(0, dtype=torch.int64)
-    want = run_graph(graph, [sample, zero, *empty])[0].float().numpy()
-    pasts = graph.inputs[2:]
+    want = run_graph(graph, step_inputs(graph, sample, zero, _empty_cache(graph, sample.shape[0]),
+                                        zero))[0].float().numpy()
+    pasts = past_inputs(graph)
     step = InplaceStep(session, graph.inputs[0].name, layout["past_length"],
                        session.get_outputs()[0].name, [v.name for v in pasts],
                        [n for pair in layout["present"] for n in pair],
-                       max(layout["max_context"], sample.shape[1]))
+                       layout["max_context"], layout["logits_to_keep"])
     shapes = [v.shape for v in pasts]
     dtypes = [np.dtype(str(v.dtype).removeprefix("torch.")) for v in pasts]
     ids = sample.numpy()
-    whole, _ = step(ids, 0, step.buffers(ids.shape[0], shapes, dtypes))
+    capacity = ids.shape[1] + 1  # a little more than the tokens: the engine's buffers vary
+    whole, _ = step(ids, 0, step.buffers(ids.shape[0], capacity, shapes, dtypes))
     split = ids.shape[1] // 2
-    buffers = step.buffers(ids.shape[0], shapes, dtypes)
+    buffers = step.buffers(ids.shape[0], capacity, shapes, dtypes)
     first, buffers = step(ids[:, :split], 0, buffers)
     second, _ = step(ids[:, split:], split, buffers)
     stepped = np.concatenate([first, second], axis=1)
-    return float(max(np.abs(whole - want).max(), np.abs(stepped - want).max())), want
+    diff = max(np.abs(whole - want).max(), np.abs(stepped - want).max())
+    if layout["logits_to_keep"] is not None:  # a prefill that keeps the last row only
+        last, _ = step(ids, 0, step.buffers(ids.shape[0], capacity, shapes, dtypes), keep=1)
+        diff = max(diff, np.abs(last - want[:, -1:]).max())
+    return float(diff), want
 
 
 def _tokenizer(from_source: Any, folder: str | Path | None) -> Any:

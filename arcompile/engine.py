@@ -5,13 +5,14 @@
     new = eng.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)  # -> list[list[int]]
     logits = eng.logits([1, 2, 3])                            # -> np.ndarray [1, 3, V]
 
-An engine optimized with ``kv_cache=True`` (manifest ``kv_cache``) decodes batches of
-equal-length prompts with the cache: one prefill, then one token per step with the presents
-fed back as the next pasts (``runtime_cache: "concat"``), or, optimized with
-``kv_cache_runtime="inplace"``, written into per-layer [B, Hkv, max_context, D] buffers
-allocated at prefill and bound as both past and present (no copy of the cache per step).
-Prompts of different lengths fall back to recomputing the prefix every step (right padding),
-as do engines without a cache; padded cached batches come later.
+A cached engine (manifest ``kv_cache``; ``optimize``'s default) decodes with the cache: one
+prefill that computes only the last position's logits, then one token per step. With
+``runtime_cache: "inplace"`` (the default) the cache lives in per-layer [B, Hkv, capacity, D]
+buffers allocated when a decode starts (capacity = prompt + new tokens, at most max_context)
+and bound as both past and present, so no step copies it; with ``"concat"`` the presents are
+fed back as the next pasts. A batch of prompts of different lengths is decoded as one cached
+group per prompt length, stepped together (no padding reaches the cache; each row's tokens are
+those it gets alone); engines without a cache recompute the right-padded prefix every step.
 
 Loading checks the manifest (format version, every file's size and hash) before ONNX
 Runtime sees the model, and refuses a directory that does not match.
@@ -24,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from arcompile.decoding import Sampler, as_batch, decode_steps, pad_right
+from arcompile.decoding import Sampler, as_batch, check_context, decode_steps, pad_right
 from arcompile.errors import DecodeError, EngineError
 from arcompile.kv_decoding import cached_decode_steps
 from arcompile.runtimes.engine_dir import read_manifest
@@ -55,17 +56,18 @@ class Engine:
             self._present_names = [n for pair in self._cache["present"] for n in pair]
             self._past_shapes = [inputs[n]["shape"] for n in self._past_names]
             self._past_dtypes = [np.dtype(inputs[n]["dtype"]) for n in self._past_names]
+            self._keep = self._cache.get("logits_to_keep")  # input name, or None: all rows
             if self._cache.get("runtime_cache") == "inplace":  # buffers bound past = present
                 from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
 
                 self._inplace = InplaceStep(self._session, self._input,
                                             self._cache["past_length"], self._output,
                                             self._past_names, self._present_names,
-                                            int(self._cache["max_context"]))
+                                            int(self._cache["max_context"]), self._keep)
 
     @property
     def kv_cache(self) -> bool:
-        """Whether this engine decodes with a KV cache (optimized with ``kv_cache=True``)."""
+        """Whether this engine decodes with a KV cache (``optimize``'s default)."""
         return self._cache is not None
 
     # -- model ------------------------------------------------------------------------
@@ -85,20 +87,26 @@ class Engine:
         """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
         if self._cache is None:
             return self._session.run([self._output], {self._input: ids})[0]
-        return self._step(ids, 0, self._empty_cache(ids.shape[0]))[0]
+        return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
 
-    def _empty_cache(self, batch: int) -> list:
-        if self._inplace is not None:  # the buffers the whole decode writes into
-            return self._inplace.buffers(batch, self._past_shapes, self._past_dtypes)
+    def _empty_cache(self, batch: int, capacity: int | None = None) -> list:
+        """An empty cache for ``batch`` rows; in-place: buffers for ``capacity`` tokens (the
+        whole decode writes into them; default and cap: max_context)."""
+        if self._inplace is not None:
+            return self._inplace.buffers(batch, capacity or self._inplace.max_context,
+                                         self._past_shapes, self._past_dtypes)
         return [np.zeros((batch, shape[1], 0, *shape[3:]), dtype=dtype)
                 for shape, dtype in zip(self._past_shapes, self._past_dtypes)]
 
-    def _step(self, ids: np.ndarray, past_length: int, pasts: list[np.ndarray]
+    def _step(self, ids: np.ndarray, past_length: int, pasts: list[np.ndarray], keep: int = 0
               ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One cached step: logits of the new tokens and the presents (the next pasts)."""
+        """One cached step: logits of the new tokens (the last ``keep``; 0: all, and all
+        when the engine cannot keep fewer) and the presents (the next pasts)."""
         if self._inplace is not None:
-            return self._inplace(ids, past_length, pasts)
+            return self._inplace(ids, past_length, pasts, keep)
         feed = {self._input: ids, self._cache["past_length"]: np.array(past_length, np.int64)}
+        if self._keep is not None:
+            feed[self._keep] = np.array(keep, np.int64)
         feed.update(zip(self._past_names, pasts))
         outs = self._session.run([self._output, *self._present_names], feed)
         return outs[0], outs[1:]
@@ -122,14 +130,30 @@ class Engine:
         """Yield each step's new token per row (None once a row has stopped)."""
         rows, _ = as_batch(input_ids)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
-        if self._cache is not None and len({len(r) for r in rows}) == 1:
-            yield from cached_decode_steps(self._step, self._empty_cache, rows, max_new_tokens,
-                                           sampler, eos_token_id, self.max_context,
-                                           drop_stopped=self._inplace is None)
+        if self._cache is None:  # recompute the (right-padded) prefix every step
+            yield from decode_steps(self._forward, rows, max_new_tokens, sampler, eos_token_id,
+                                    self.max_context)
             return
-        # no cache, or prompts of different lengths: recompute the prefix every step
-        yield from decode_steps(self._forward, rows, max_new_tokens, sampler, eos_token_id,
-                                self.max_context)
+        check_context(rows, max_new_tokens, self.max_context)
+        groups: dict[int, list[int]] = {}  # prompt length -> its rows, each group one cache
+        for i, row in enumerate(rows):
+            groups.setdefault(len(row), []).append(i)
+        streams = [(members, cached_decode_steps(
+            self._step, self._empty_cache, [rows[i] for i in members], max_new_tokens, sampler,
+            eos_token_id, self.max_context, drop_stopped=self._inplace is None))
+            for members in groups.values()]
+        for _ in range(max_new_tokens):
+            out: list[int | None] = [None] * len(rows)
+            live = False
+            for members, steps in streams:
+                tokens = next(steps, None)  # None: every row of the group has stopped
+                if tokens is not None:
+                    live = True
+                    for i, t in zip(members, tokens):
+                        out[i] = t
+            if not live:
+                return
+            yield out
 
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -4,6 +4,7 @@ what the rewrite adds, and refusals that leave the graph exactly as it was."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +16,7 @@ from arcompile.ir.graph import Graph
 from arcompile.ir.interpreter import run_graph
 from arcompile.passes import PassManager, VerifyHook, build_pipeline
 from arcompile.passes.dce import DeadCodeElimination
-from arcompile.passes.insert_kv_cache import InsertKVCache
+from arcompile.passes.insert_kv_cache import InsertKVCache, past_inputs, step_inputs
 from helpers import ops, to_ir
 
 EXAMPLE = torch.randint(0, tm.VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -38,12 +39,13 @@ def greedy_cached(graph: Graph, prompt: torch.Tensor, reference) -> None:
     """Prefill ``prompt`` then decode STEPS tokens one at a time with the cached graph; at
     every step the logits equal ``reference`` (full recomputation) within 1e-4 and the greedy
     tokens are identical."""
-    pasts = graph.inputs[2:]
+    pasts = past_inputs(graph)
     state = [torch.zeros((prompt.shape[0], v.shape[1], 0, v.shape[3]), dtype=v.dtype)
              for v in pasts]
     seq, new, done = prompt, prompt, 0
     for step in range(STEPS + 1):
-        outs = run_graph(graph, [new, torch.tensor(done), *state])
+        outs = run_graph(graph, step_inputs(graph, new, torch.tensor(done), state,
+                                            torch.tensor(0)))
         logits, state = outs[0], outs[1:]
         assert len(state) == len(pasts)
         assert all(s.shape[2] == seq.shape[1] for s in state)
@@ -101,7 +103,8 @@ def test_gpt2_torchscript_cached_decoding(tmp_path):
     loaded = load_model(path, log=lambda _m: None)
     graph = fused(from_exported_program(loaded.program, "gpt2_ts"))
     record = cache(graph)
-    assert record.counts == {"attention_cached": 2, "position_narrowed": 1}, record.notes
+    assert record.counts == {"attention_cached": 2, "position_narrowed": 1,
+                             "logits_to_keep": 1}, record.notes
     prompt = torch.randint(3, tm.VOCAB, (2, 4), generator=torch.Generator().manual_seed(3))
     greedy_cached(graph, prompt, tm.gpt2())
 
@@ -114,23 +117,30 @@ def test_golden_llama_inputs_outputs_and_ops():
     record = cache(graph)
     # the position ids (rope's recorded input 3) and the rotary cos and sin, each computed for
     # the new positions only
-    assert record.counts == {"attention_cached": 2, "position_narrowed": 3}
+    assert record.counts == {"attention_cached": 2, "position_narrowed": 3, "logits_to_keep": 1}
     assert [(v.name, str(v.dtype), v.shape) for v in graph.inputs] == [
         ("input_ids", "torch.int64", ("B", "T")),
         ("past_length", "torch.int64", ()),
         ("past_key_0", "torch.float32", ("B", 2, "P", 16)),
         ("past_value_0", "torch.float32", ("B", 2, "P", 16)),
         ("past_key_1", "torch.float32", ("B", 2, "P", 16)),
-        ("past_value_1", "torch.float32", ("B", 2, "P", 16))]
+        ("past_value_1", "torch.float32", ("B", 2, "P", 16)),
+        ("logits_to_keep", "torch.int64", ())]
     assert [(v.name, v.shape) for v in graph.outputs[1:]] == [
         ("present_key_0", ("B", 2, "P + T", 16)), ("present_value_0", ("B", 2, "P + T", 16)),
         ("present_key_1", ("B", 2, "P + T", 16)), ("present_value_1", ("B", 2, "P + T", 16))]
-    assert graph.outputs[0].shape == ("B", "T", tm.VOCAB)
+    assert graph.outputs[0].shape == ("B", "K", tm.VOCAB)  # the last logits_to_keep rows
     assert graph.meta["kv_cache"] == {
         "layout": "BHSD", "past_length": "past_length", "concat_dim": 2,
         "past": [["past_key_0", "past_value_0"], ["past_key_1", "past_value_1"]],
-        "present": [["present_key_0", "present_value_0"], ["present_key_1", "present_value_1"]]}
-    assert graph.meta["symbols"] == ["B", "P", "T"]
+        "present": [["present_key_0", "present_value_0"], ["present_key_1", "present_value_1"]],
+        "logits_to_keep": "logits_to_keep"}
+    assert graph.meta["symbols"] == ["B", "K", "P", "T"]
+    # the LM head reads the last rows of its input: x[:, -logits_to_keep:]
+    head = graph.outputs[0].producer
+    kept = head.inputs[0].producer
+    assert head.op == "aten.linear" and kept.op == "aten.slice.Tensor"
+    assert kept.origin == "insert_kv_cache/logits_to_keep" and kept.arg("dim") == 1
     after = ops(graph)
     assert before.count("arc.attention") == 2 and "arc.attention" not in after
     assert after.count("arc.attention_cached") == 2
@@ -142,7 +152,8 @@ def test_golden_llama_inputs_outputs_and_ops():
     assert cached[0].inputs[3] is graph.inputs[2] and cached[0].inputs[4] is graph.inputs[3]
     # positions: arange(0, T) became arange(past_length, past_length + T), nothing sliced
     assert "aten.arange" in before and "aten.arange" not in after
-    assert "aten.slice.Tensor" not in after
+    assert [n.origin for n in graph.nodes() if n.op == "aten.slice.Tensor"] == [
+        "insert_kv_cache/logits_to_keep"]
     (arange,) = [n for n in graph.nodes() if n.op == "aten.arange.start"]
     assert arange.origin == "insert_kv_cache/positions" and arange.output.shape == ("T",)
     assert arange.arg("start").producer.op == "aten._local_scalar_dense"
@@ -163,8 +174,9 @@ def test_golden_opt_cumsum_positions_are_recomputed_and_sliced():
     # the last T rows are taken
     graph = fused(to_ir(tm.opt(), EXAMPLE, "opt"))
     record = cache(graph)
-    assert record.counts == {"attention_cached": 2, "position_sliced": 1}
-    (cut,) = [n for n in graph.nodes() if n.op == "aten.slice.Tensor"]
+    assert record.counts == {"attention_cached": 2, "position_sliced": 1, "logits_to_keep": 1}
+    (cut,) = [n for n in graph.nodes() if n.op == "aten.slice.Tensor"
+              and n.origin == "insert_kv_cache/positions"]
     assert cut.arg("dim") == 1 and cut.output.shape == ("B", "T", 64)
     assert cut.arg("self").producer.op == "aten.embedding"
     assert cut.arg("self").shape == ("B", "(P + T)", 64)
@@ -224,7 +236,8 @@ def test_tiny_causal_module_is_cached():
     # the same module the refusals below break, so they fail for their own reason only
     module = TinyAttention()
     graph = fused(to_ir(module, EXAMPLE, "tiny"))
-    assert cache(graph).counts == {"attention_cached": 1, "position_narrowed": 1}
+    assert cache(graph).counts == {"attention_cached": 1, "position_narrowed": 1,
+                                   "logits_to_keep": 1}
     greedy_cached(graph, EXAMPLE[:, :3], module)
 
 
@@ -258,13 +271,14 @@ def test_onnx_cached_decoding_matches_eager(tmp_path):
         names = [v.name for v in graph.inputs]
         seq = torch.randint(3, tm.VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
         new, done = seq, 0
-        state = [torch.zeros((2, v.shape[1], 0, v.shape[3])).numpy() for v in graph.inputs[2:]]
+        state = [torch.zeros((2, v.shape[1], 0, v.shape[3])).numpy() for v in past_inputs(graph)]
         for step in range(6):
-            outs = session.run(None, dict(zip(names, [new.numpy(), torch.tensor(done).numpy(),
-                                                      *state])))
+            outs = session.run(None, dict(zip(names, step_inputs(
+                graph, new.numpy(), torch.tensor(done).numpy(), state, np.array(1)))))
             logits, state = torch.from_numpy(outs[0]), outs[1:]
             with torch.no_grad():
                 full = module(seq)
+            assert logits.shape[1] == 1  # logits_to_keep=1: the last position only
             diff = (logits[:, -1] - full[:, -1]).abs().max().item()
             assert diff < 1e-4, f"{name} step {step}: |Δlogit| {diff:.3g}"
             done, new = seq.shape[1], logits[:, -1].argmax(-1)[:, None]
@@ -276,6 +290,7 @@ def test_onnx_cached_decoding_matches_eager(tmp_path):
 def test_smollm2_cached_decoding_matches_full_recomputation(smollm2):
     graph = fused(from_exported_program(smollm2.program, "smollm2"))
     record = cache(graph)
-    assert record.counts == {"attention_cached": 30, "position_narrowed": 3}, record.notes
+    assert record.counts == {"attention_cached": 30, "position_narrowed": 3,
+                             "logits_to_keep": 1}, record.notes
     prompt = smollm2.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     greedy_cached(graph, prompt, smollm2.module)

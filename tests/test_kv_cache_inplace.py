@@ -1,9 +1,10 @@
-"""The in-place cached engine: ``optimize(..., kv_cache=True, kv_cache_runtime="inplace",
-max_context=N)`` lowers ``arc.attention_cached`` to GroupQueryAttention over [B, Hkv, N, D]
-buffers that the engine allocates once at prefill and binds as both past and present every
-step. Its greedy tokens equal the concat engine's and eager PyTorch's, its logits at every step
-equal full recomputation, the buffers are the same objects every step (no copy), a batch whose
-rows stop at different steps stays right, and a decode past N is a DecodeError."""
+"""The in-place cached engine (the default runtime; here ``max_context=N``) lowers
+``arc.attention_cached`` to GroupQueryAttention over [B, Hkv, capacity, D] buffers that the
+engine allocates once per decode (capacity = prompt + new tokens, at most N) and binds as both
+past and present every step. Its greedy tokens equal the concat engine's and eager PyTorch's,
+its logits at every step equal full recomputation, the buffers are the same objects every step
+(no copy), a batch whose rows stop at different steps stays right, and a decode past N is a
+DecodeError."""
 
 from __future__ import annotations
 
@@ -32,11 +33,10 @@ def engines(tmp_path_factory):
         if name not in built:
             folder = tmp_path_factory.mktemp(name)
             module, source = tm.model_and_source(name, folder)
-            report = arcompile.optimize(source, folder / "inplace", kv_cache=True,
-                                        kv_cache_runtime="inplace", max_context=MAX, log=None)
+            report = arcompile.optimize(source, folder / "inplace", max_context=MAX, log=None)
             assert report.kv_cache["runtime_cache"] == "inplace"
             assert report.lowering_max_abs_diff <= 1e-4
-            arcompile.optimize(source, folder / "concat", kv_cache=True, log=None)
+            arcompile.optimize(source, folder / "concat", kv_cache_runtime="concat", log=None)
             built[name] = (module, arcompile.load(folder / "inplace"),
                            arcompile.load(folder / "concat"))
         return built[name]
@@ -54,7 +54,7 @@ def test_inplace_greedy_tokens_equal_concat_and_eager(name, engines):
 def test_inplace_logits_at_every_step_equal_full_recomputation(name, engines):
     module, inplace, _ = engines(name)
     seq = list(PROMPT[:4])
-    buffers = inplace._empty_cache(1)
+    buffers = inplace._empty_cache(1)  # capacity: max_context by default
     assert all(b.shape()[0] == 1 and b.shape()[2] == MAX for b in buffers)
     logits, pasts = inplace._step(np.array([seq]), 0, buffers)
     for step in range(17):  # the prefill, then 16 single-token steps
@@ -75,7 +75,24 @@ def test_manifest_records_the_inplace_cache(engines):
     assert inplace.manifest["kv_cache"]["runtime_cache"] == "inplace"
     assert inplace.manifest["kv_cache"]["max_context"] == MAX == inplace.max_context
     assert concat.manifest["kv_cache"]["runtime_cache"] == "concat"
-    assert "max_context" not in concat.manifest["kv_cache"]
+    assert concat.manifest["kv_cache"]["max_context"] == 128 == concat.max_context  # config
+
+
+def test_buffers_hold_the_prompt_and_new_tokens_only(engines):
+    _, inplace, _ = engines("nanogpt")
+    seen = []
+    inner = inplace._empty_cache
+
+    def spy(batch, capacity=None):
+        seen.append((batch, capacity))
+        return inner(batch, capacity)
+    inplace._empty_cache = spy
+    try:
+        inplace.generate(EQUAL, max_new_tokens=5)
+    finally:
+        del inplace._empty_cache
+    assert seen == [(2, 6 + 5)]
+    assert inner(1, 1000)[0].shape()[2] == MAX  # capped at max_context
 
 
 def test_batch_with_a_row_stopping_early(engines):
@@ -100,8 +117,7 @@ def test_decoding_past_max_context_is_a_decode_error(engines):
 def test_cli_inplace(tmp_path, capsys):
     module = tm.gpt2()
     path = tm.trace_torchscript(module, tmp_path / "gpt2.pt")
-    code = main(["optimize", str(path), "-o", str(tmp_path / "engine"), "--kv-cache",
-                 "--kv-cache-runtime", "inplace", "--max-context", "32"])
+    code = main(["optimize", str(path), "-o", str(tmp_path / "engine"), "--max-context", "32"])
     assert code == 0, capsys.readouterr().err
     eng = arcompile.load(tmp_path / "engine")
     assert eng.manifest["kv_cache"]["runtime_cache"] == "inplace" and eng.max_context == 32

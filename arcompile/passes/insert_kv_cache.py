@@ -7,6 +7,9 @@ Produces (on a copy, adopted only once proven):
 
 - new inputs after the tokens: ``past_length`` (int64 scalar: the P tokens already cached) and
   per attention ``past_key_{i}`` / ``past_value_{i}`` ``[B, Hkv, P, D]``;
+- ``logits_to_keep`` (int64 scalar, last input) when the logits come from one linear LM head
+  over ``[B, T, H]``: only the last ``logits_to_keep`` positions reach the head (0: all), so a
+  prefill computes the one row of logits it samples from (rule ``logits_to_keep``);
 - every ``arc.attention(q, k, v)`` becomes ``arc.attention_cached(q, k, v, past_key,
   past_value) -> (out, present_key, present_value)``, presents ``[B, Hkv, P + T, D]``
   appended to the graph outputs after the logits (key, value per layer);
@@ -85,9 +88,11 @@ class InsertKVCache(Pass):
             return result
         _adopt(graph, work)
         for rule, n in (("attention_cached", layers), ("position_narrowed", positions[0]),
-                        ("position_sliced", positions[1])):
+                        ("position_sliced", positions[1]),
+                        ("logits_to_keep", int(work.meta["kv_cache"]["logits_to_keep"] is not None))):
             if n:
                 result.bump(rule, n)
+        result.max_abs_diff = diff
         result.note(f"{self.name}: cached step proven against full recomputation "
                     f"(max |Δlogit| {diff:.2g} over B={list(self.batches)}, "
                     f"splits {list(self.splits)} of {self.proof_length})")
@@ -115,6 +120,12 @@ class InsertKVCache(Pass):
                                          f"inputs: {type(e).__name__}: {e}") from e
                 got = torch.cat(steps, dim=1)
                 diff = (got.float() - full.float()).abs().max().item()
+                if cached.meta["kv_cache"]["logits_to_keep"] is not None:  # the last row only
+                    (last,) = cached_decode(cached, [tokens[:, :split]], keep=1)
+                    if last.shape[1] != 1:
+                        raise KVCacheRefused(f"logits_to_keep=1 gave {last.shape[1]} rows")
+                    diff = max(diff, (last.float() - full[:, split - 1:split].float()
+                                      ).abs().max().item())
                 worst = max(worst, diff)
                 if not diff <= self.tolerance:  # NaN fails too
                     raise KVCacheRefused(
@@ -124,14 +135,28 @@ class InsertKVCache(Pass):
         return worst
 
 
-def cached_decode(graph: Graph, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run a cached graph over token chunks, feeding presents back; the logits of each chunk."""
-    pasts = graph.inputs[2:]
+def past_inputs(graph: Graph) -> list[Value]:
+    """The cached graph's past_key/past_value inputs, in layer order (key, value per layer)."""
+    by_name = {v.name: v for v in graph.inputs}
+    return [by_name[n] for pair in graph.meta["kv_cache"]["past"] for n in pair]
+
+
+def step_inputs(graph: Graph, tokens, past_length, pasts: list, keep=0) -> list:
+    """The cached graph's inputs in order: tokens, past_length, pasts, [logits_to_keep]."""
+    extra = [keep] if graph.meta["kv_cache"]["logits_to_keep"] is not None else []
+    return [tokens, past_length, *pasts, *extra]
+
+
+def cached_decode(graph: Graph, chunks: list[torch.Tensor], keep: int = 0) -> list[torch.Tensor]:
+    """Run a cached graph over token chunks, feeding presents back; the logits of each chunk
+    (its last ``keep`` rows; 0: all)."""
+    pasts = past_inputs(graph)
     batch = chunks[0].shape[0]
     state = [torch.zeros((batch, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype) for v in pasts]
     done, outs = 0, []
     for chunk in chunks:
-        results = run_graph(graph, [chunk, torch.tensor(done, dtype=torch.int64), *state])
+        results = run_graph(graph, step_inputs(graph, chunk, torch.tensor(done, dtype=torch.int64),
+                                               state, torch.tensor(keep, dtype=torch.int64)))
         outs.append(results[0])
         state = results[len(results) - len(pasts):]
         done += chunk.shape[1]
@@ -192,15 +217,57 @@ def rewrite(graph: Graph, pass_name: str) -> tuple[int, tuple[int, int]]:
         graph.remove_node(node)
         presents += [cached.outputs[1], cached.outputs[2]]
     graph.outputs = list(graph.outputs) + presents
+    keep = _keep_logits(graph, seq, pass_name)
     if "symbols" in graph.meta:
-        graph.meta["symbols"] = sorted(set(graph.meta["symbols"]) | {PAST})
+        graph.meta["symbols"] = sorted(set(graph.meta["symbols"]) | {PAST} |
+                                       ({KEPT} if keep else set()))
     # what a runtime needs to drive the step (the manifest's cache layout, later)
     graph.meta["kv_cache"] = {
         "layout": "BHSD", "past_length": past_length.name,
         "past": [[k.name, v.name] for k, v in pasts],
         "present": [[k.name, v.name] for k, v in zip(presents[::2], presents[1::2])],
-        "concat_dim": 2}
+        "concat_dim": 2, "logits_to_keep": keep.name if keep is not None else None}
     return len(attentions), positions
+
+
+HEADS = {"aten.linear", "aten.matmul"}  # the LM head: position by position over [B, T, H]
+KEPT = "K"  # the symbol for the number of positions whose logits are returned
+
+
+def _keep_logits(graph: Graph, seq: str, pass_name: str) -> Value | None:
+    """Add the ``logits_to_keep`` input and slice the LM head's input to its last rows.
+
+    Only where the logits are one linear (``HEADS``) of a ``[B, T, H]`` value by a constant
+    weight: that op works position by position, so its last rows need only the input's last
+    rows. ``x[:, -k:]`` keeps every row for k = 0, as in transformers. Else None (all rows).
+    """
+    logits = graph.outputs[0]
+    head = logits.producer
+    if head.op not in HEADS or len(head.inputs) < 2 or len(logits.uses()) or \
+            graph.outputs.count(logits) != 1:
+        return None
+    x, weight = head.inputs[0], head.inputs[1]
+    shape = logits.shape or ()
+    if (x.shape is None or len(x.shape) != 3 or x.shape[1] != seq or len(shape) != 3
+            or shape[1] != seq or weight.producer.op != "arc.constant"
+            or len(weight.shape or ()) != 2 or any(v.producer.op != "arc.constant"
+                                                   for v in head.inputs[2:])):
+        return None
+    if any(KEPT in _symbols(v.shape) for n in graph.nodes() for v in n.outputs if v.shape):
+        return None
+    origin = f"{pass_name}/logits_to_keep"
+    keep = graph.add_input("logits_to_keep", torch.int64, ())
+    count = graph.add_op("aten._local_scalar_dense", {"self": keep}, [(SYM_INT, ())],
+                         origin=origin, names=["keep"]).output
+    start = graph.add_node("sym.neg", (count,), {"a0": In(0)}, [(SYM_INT, ())],
+                           origin=origin, names=["keep_from"]).output
+    rows = (x.shape[0], KEPT, x.shape[2])
+    kept = graph.add_op("aten.slice.Tensor", {"self": x, "dim": 1, "start": start,
+                                              "end": 2 ** 63 - 1}, [(x.dtype, rows)],
+                        module=head.module, origin=origin, names=[f"{x.name}_kept"]).output
+    graph.set_input(head, 0, kept)
+    logits.shape = (shape[0], KEPT, shape[2])
+    return keep
 
 
 def _rewrite_positions(graph: Graph, nodes: list[Node], seq: str, past_sym: Value,

@@ -31,7 +31,7 @@ class PassRecord:
     nodes_after: int
     seconds: float
     settings: dict = field(default_factory=dict)
-    max_abs_diff: float | None = None  # filled by the numeric check
+    max_abs_diff: float | None = None  # the numeric check's, or the pass's own proof's
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -96,7 +96,8 @@ class PassManager:
             except Exception as e:  # a bug in the pass: keep the cause, name the context
                 raise PassError(self._failure(p, records, e)) from e
             record = PassRecord(p.name, dict(result.counts), list(result.notes), before,
-                                len(graph), time.perf_counter() - start, p.settings())
+                                len(graph), time.perf_counter() - start, p.settings(),
+                                result.max_abs_diff)
             try:
                 for h in self.hooks:
                     h.after(p, graph, record)
