@@ -37,6 +37,16 @@ class LowerContext:
         self._node: Node | None = None
         self._made: list[NodeProto] = []
         self._temps = 0
+        self._once: dict[tuple, Any] = {}
+
+    def once(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``'s ONNX names, emitted the first time ``key`` is asked for and reused
+        after: for values every layer needs alike (GroupQueryAttention's sequence lengths, the
+        rotary position ids), computed once per graph instead of once per node. ``build``
+        may only read graph inputs and constants, which every node can see."""
+        if key not in self._once:
+            self._once[key] = build()
+        return self._once[key]
 
     # -- names --------------------------------------------------------------------------
     def fresh(self, base: str) -> str:

@@ -60,13 +60,7 @@ def _inplace(ctx: LowerContext, node: Node, past_length_name: str) -> list[str]:
         return ctx.op("Reshape", [t, ctx.i64([0, 0, n * dim])])
 
     q_BLHD, k_BLHD, v_BLHD = packed(query, heads), packed(key, kv_heads), packed(value, kv_heads)
-    new = ctx.cast(ctx.shape_of(query, 2, 3), torch.int64, torch.int32)  # [1] = L
-    past = ctx.cast(ctx.op("Reshape", [ctx.name(past_length), ctx.i64([1])]),
-                    torch.int64, torch.int32)  # [1] = P
-    source = ctx.op("Add", [past, new])  # [1] = P + L
-    total = ctx.op("Reshape", [source, ctx.i64([])])
-    last = ctx.op("Sub", [source, ctx.const([1], torch.int32)])
-    seqlens_k = ctx.op("Expand", [last, ctx.shape_of(query, 0, 1)])  # [B], P + L - 1 each row
+    seqlens_k, total = ctx.once(("gqa_lengths",), lambda: _lengths(ctx, past_length))
     out, present_key, present_value = ctx.op(
         "GroupQueryAttention",
         [q_BLHD, k_BLHD, v_BLHD, ctx.name(past_key), ctx.name(past_value), seqlens_k, total],
@@ -74,3 +68,16 @@ def _inplace(ctx: LowerContext, node: Node, past_length_name: str) -> list[str]:
         scale=float(a["scale"]))
     out = ctx.op("Reshape", [out, ctx.i64([0, 0, heads, dim])])
     return [ctx.op("Transpose", [out], perm=[0, 2, 1, 3]), present_key, present_value]
+
+
+def _lengths(ctx: LowerContext, past_length) -> tuple[str, str]:
+    """seqlens_k [B] (P + L - 1 each row) and total_sequence_length (P + L), the same in
+    every layer: L is the step's new tokens (the tokens input [B, L])."""
+    tokens = ctx.graph.inputs[0]
+    new = ctx.cast(ctx.shape_of(tokens, 1, 2), torch.int64, torch.int32)  # [1] = L
+    past = ctx.cast(ctx.op("Reshape", [ctx.name(past_length), ctx.i64([1])]),
+                    torch.int64, torch.int32)  # [1] = P
+    source = ctx.op("Add", [past, new])  # [1] = P + L
+    total = ctx.op("Reshape", [source, ctx.i64([])])
+    last = ctx.op("Sub", [source, ctx.const([1], torch.int32)])
+    return ctx.op("Expand", [last, ctx.shape_of(tokens, 0, 1)]), total

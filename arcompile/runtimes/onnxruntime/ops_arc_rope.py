@@ -89,22 +89,10 @@ def _ort_rotary_embedding(ctx: LowerContext, node: Node) -> str | None:
         return None
 
     x_name = ctx.name(x)
-    if source == "inv_freq":
-        inv_freq = node.inputs[4]
-        ids = ctx.cast(ctx.name(pos), pos.dtype, torch.int64)
-        # cache rows 0..max(pos): the very product and cos/sin the model computed per position
-        count = ctx.op("Add", [ctx.op("ReduceMax", [ids], keepdims=0), ctx.const(1, torch.int64)])
-        rows = ctx.op("Range", [ctx.const(0, torch.int64), count, ctx.const(1, torch.int64)])
-        angles = ctx.op("Mul", [ctx.op("Unsqueeze", [ctx.cast(rows, torch.int64, torch.float32),
-                                                     ctx.i64([1])]),
-                                ctx.name(inv_freq)])  # (P, rot/2)
-        cos_cache, sin_cache = ctx.op("Cos", [angles]), ctx.op("Sin", [angles])
-    else:
-        ids = ctx.cast(ctx.name(pos), pos.dtype, torch.int64)
-        cos_cache, sin_cache = ctx.name(node.inputs[4]), ctx.name(node.inputs[5])
-    ids_1S = ctx.op("Reshape", [ids, ctx.i64([1, -1])])
-    batch = ctx.shape_of(x, 0, 1)
-    ids_BS = ctx.op("Expand", [ids_1S, ctx.op("Concat", [batch, ctx.i64([1])], axis=0)])
+    # the same ids and caches serve every layer's q and k: built once per graph
+    ids_BS, cos_cache, sin_cache = ctx.once(
+        ("rope_inputs", source, pos, *node.inputs[4:6], x.shape[0]),
+        lambda: _ids_and_caches(ctx, node, source, x))
 
     attrs = {"interleaved": int(node.attrs["interleaved"]), "domain": "com.microsoft"}
     if rot < d:
@@ -117,3 +105,24 @@ def _ort_rotary_embedding(ctx: LowerContext, node: Node) -> str | None:
     flat = ctx.op("Reshape", [x_name, ctx.i64([0, 0, heads * d])])  # (B, S, N*H)
     out = ctx.op("RotaryEmbedding", [flat, ids_BS, cos_cache, sin_cache], **attrs)
     return ctx.op("Reshape", [out, ctx.op("Shape", [x_name])])
+
+
+def _ids_and_caches(ctx: LowerContext, node: Node, source: str, x) -> tuple[str, str, str]:
+    """position_ids [B, S] and the cos/sin caches RotaryEmbedding reads."""
+    pos = node.inputs[3]
+    ids = ctx.cast(ctx.name(pos), pos.dtype, torch.int64)
+    if source == "inv_freq":
+        inv_freq = node.inputs[4]
+        # cache rows 0..max(pos): the very product and cos/sin the model computed per position
+        count = ctx.op("Add", [ctx.op("ReduceMax", [ids], keepdims=0), ctx.const(1, torch.int64)])
+        rows = ctx.op("Range", [ctx.const(0, torch.int64), count, ctx.const(1, torch.int64)])
+        angles = ctx.op("Mul", [ctx.op("Unsqueeze", [ctx.cast(rows, torch.int64, torch.float32),
+                                                     ctx.i64([1])]),
+                                ctx.name(inv_freq)])  # (P, rot/2)
+        cos_cache, sin_cache = ctx.op("Cos", [angles]), ctx.op("Sin", [angles])
+    else:
+        cos_cache, sin_cache = ctx.name(node.inputs[4]), ctx.name(node.inputs[5])
+    ids_1S = ctx.op("Reshape", [ids, ctx.i64([1, -1])])
+    batch = ctx.shape_of(x, 0, 1)
+    ids_BS = ctx.op("Expand", [ids_1S, ctx.op("Concat", [batch, ctx.i64([1])], axis=0)])
+    return ids_BS, cos_cache, sin_cache
