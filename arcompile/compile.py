@@ -22,7 +22,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ import torch
 from arcompile.errors import ArcompileError
 from arcompile.ir.verify import verify
 from arcompile.passes import NumericCheckHook, PassManager, PassRecord, VerifyHook, build_pipeline
+from arcompile.passes.manager import Hook
 from arcompile.runtimes.engine_dir import staging_dir, write_manifest
 
 # ONNX Runtime vs the reference interpreter on random tokens: max|Δlogit| may be at most
@@ -63,7 +64,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              passes: str | list[str] = "default", tokenizer: str | Path | None = None,
              check_numerics: bool = True, log: Callable[[str], None] | None = print,
              kv_cache: bool = True, kv_cache_runtime: str = "inplace",
-             max_context: int | None = None, **options: Any) -> OptimizeReport:
+             max_context: int | None = None, hooks: Sequence[Hook] = (),
+             **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -73,7 +75,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     [B, Hkv, capacity, D] buffers the engine allocates per call, bound as both past and
     present) or ``"concat"`` (presents are new arrays fed back; copies the cache every step).
     ``max_context``: the most tokens (prompt + new) an engine decodes; defaults to the
-    model's ``max_position_embeddings``, else 2048. Unknown options are an error.
+    model's ``max_position_embeddings``, else 2048. ``hooks``: more pass-manager hooks, run
+    after every pass (``arcompile profile`` measures with one). Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
@@ -99,33 +102,51 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     vocab = loaded.config.get("vocab_size") or graph.outputs[0].shape[-1]
     sample = _sample_tokens(int(vocab))
 
-    hooks = [VerifyHook()]
+    checks = [VerifyHook()]
     if check_numerics:
-        hooks.append(NumericCheckHook(graph, [sample]))
+        checks.append(NumericCheckHook(graph, [sample]))
     say(f"running {len(pipeline)} passes on {nodes_traced} nodes")
-    records = PassManager(pipeline, hooks, log=say).run(graph)
+    records = PassManager(pipeline, checks + list(hooks), log=say).run(graph)
     cache_layout, refused = None, None
     if kv_cache:
-        cache_layout, refused, cache_records = _insert_kv_cache(graph, say)
+        limit = int(max_context or loaded.config.get("max_position_embeddings")
+                    or DEFAULT_MAX_CONTEXT)
+        cache_layout, refused, cache_records = _insert_kv_cache(
+            graph, say, kv_cache_runtime, limit, hooks)
         records += cache_records
-        if cache_layout is not None:
-            graph.meta["kv_cache"]["runtime_cache"] = kv_cache_runtime
-            graph.meta["kv_cache"]["max_context"] = int(
-                max_context or loaded.config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT)
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
-    with staging_dir(Path(output_dir)) as tmp:
-        from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
+    manifest, cache_layout, diff = write_engine(
+        graph, output_dir, loaded, records, tokenizer=tok,
+        sample=sample if check_numerics else None, refused=refused, log=say)
+    seconds = time.perf_counter() - start
+    say(f"wrote {output_dir} in {seconds:.1f} s")
+    return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
+                          manifest, cache_layout, refused)
 
+
+def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord],
+                 tokenizer: Any = None, sample: torch.Tensor | None = None,
+                 refused: str | None = None, log: Callable[[str], None] | None = None
+                 ) -> tuple[dict, dict | None, float]:
+    """Lower ``graph`` as it stands into an engine directory (staged, moved into place).
+
+    With ``sample``, ONNX Runtime (its optimizations off) is checked against the reference
+    interpreter on it. Returns (manifest, the manifest's kv_cache entry or None, that check's
+    max |Δlogit| or NaN). ``optimize`` and ``arcompile profile`` (once per pass) use it.
+    """
+    from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
+
+    say = log or (lambda _msg: None)
+    with staging_dir(Path(output_dir)) as tmp:
         say("lowering to ONNX")
         io = lower_to_onnx(graph, tmp)
-        if cache_layout is not None:
-            cache_layout = _cache_manifest(graph, io)
-        diff = _check_lowering(graph, tmp, sample) if check_numerics else float("nan")
-        if check_numerics:
+        cache_layout = _cache_manifest(graph, io) if graph.meta.get("kv_cache") else None
+        diff = _check_lowering(graph, tmp, sample) if sample is not None else float("nan")
+        if sample is not None:
             say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
-        if tok is not None:
-            tok.save_pretrained(str(tmp / "tokenizer"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
         manifest = write_manifest(tmp, {
             "runtime": "onnxruntime-cpu",
             "model_file": "model.onnx",
@@ -142,20 +163,18 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             "tools": _tool_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
-    seconds = time.perf_counter() - start
-    say(f"wrote {output_dir} in {seconds:.1f} s")
-    return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
-                          manifest, cache_layout, refused)
+    return manifest, cache_layout, diff
 
 
-def _insert_kv_cache(graph, say: Callable[[str], None]) -> tuple[dict | None, str | None, list]:
+def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_context: int,
+                     hooks: Sequence[Hook] = ()) -> tuple[dict | None, str | None, list]:
     """InsertKVCache then DCE, verified; (the pass's layout or None, refusal reason, records)."""
     from arcompile.passes.dce import DeadCodeElimination
     from arcompile.passes.insert_kv_cache import InsertKVCache
 
     say("inserting the KV cache")
-    records = PassManager([InsertKVCache(), DeadCodeElimination()], [VerifyHook()],
-                          log=say).run(graph)
+    records = PassManager([InsertKVCache(runtime_cache=runtime_cache, max_context=max_context),
+                           DeadCodeElimination()], [VerifyHook(), *hooks], log=say).run(graph)
     layout = graph.meta.get("kv_cache")
     if layout is not None and records[0].counts.get("attention_cached"):
         return dict(layout), None, records

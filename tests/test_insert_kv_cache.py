@@ -134,7 +134,7 @@ def test_golden_llama_inputs_outputs_and_ops():
         "layout": "BHSD", "past_length": "past_length", "concat_dim": 2,
         "past": [["past_key_0", "past_value_0"], ["past_key_1", "past_value_1"]],
         "present": [["present_key_0", "present_value_0"], ["present_key_1", "present_value_1"]],
-        "logits_to_keep": "logits_to_keep"}
+        "logits_to_keep": "logits_to_keep", "runtime_cache": "concat"}
     assert graph.meta["symbols"] == ["B", "K", "P", "T"]
     # the LM head reads the last rows of its input: x[:, -logits_to_keep:]
     head = graph.outputs[0].producer

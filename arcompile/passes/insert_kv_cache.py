@@ -67,15 +67,21 @@ class InsertKVCache(Pass):
     tolerance = 1e-4
 
     def __init__(self, proof_length: int = 8, splits: tuple[int, ...] = (3, 7),
-                 batches: tuple[int, ...] = (1, 2), seed: int = 0):
+                 batches: tuple[int, ...] = (1, 2), seed: int = 0,
+                 runtime_cache: str = "concat", max_context: int | None = None):
         self.proof_length = proof_length
         self.splits = splits
         self.batches = batches
         self.seed = seed
+        # for the lowering, recorded in the layout: how the runtime keeps the cache
+        # ("concat": presents fed back; "inplace": buffers bound as past and present) and
+        # the most tokens an engine decodes
+        self.runtime_cache, self.max_context = runtime_cache, max_context
 
     def settings(self) -> dict:
         return {"proof_length": self.proof_length, "splits": list(self.splits),
-                "batches": list(self.batches)}
+                "batches": list(self.batches), "runtime_cache": self.runtime_cache,
+                "max_context": self.max_context}
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
@@ -86,6 +92,9 @@ class InsertKVCache(Pass):
         except KVCacheRefused as e:
             result.note(f"{self.name}: refused, graph left uncached: {e}")
             return result
+        work.meta["kv_cache"]["runtime_cache"] = self.runtime_cache
+        if self.max_context is not None:
+            work.meta["kv_cache"]["max_context"] = int(self.max_context)
         _adopt(graph, work)
         for rule, n in (("attention_cached", layers), ("position_narrowed", positions[0]),
                         ("position_sliced", positions[1]),
