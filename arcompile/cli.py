@@ -1,4 +1,4 @@
-"""The ``arcompile`` command: optimize, run, inspect.
+"""The ``arcompile`` command: optimize, run, profile, inspect.
 
 Errors a user can cause print one line on stderr and exit with status 2; ``--debug`` shows
 the traceback instead. Anything else is a bug: one line asking to re-run with ``--debug``.
@@ -78,6 +78,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from arcompile.profile import profile
+    from arcompile.profile_report import format_table, plot, write_json
+
+    if args.plot:  # fail before the long run, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ArcompileError("--plot needs matplotlib: pip install 'arcompile[profile]'") from None
+    report = profile(args.model, passes=args.passes, kv_cache=args.kv_cache,
+                     output_dir=args.output, prompt_tokens=args.prompt_tokens,
+                     decode_tokens=args.decode_tokens, agreement_tokens=args.agreement_tokens,
+                     held_tokens=args.held_tokens, repeats=args.repeats, threads=args.threads,
+                     log=_log)
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from arcompile.inspect import inspect_path
 
@@ -135,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
     r.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     r.set_defaults(func=cmd_run)
+
+    f = sub.add_parser("profile", help="measure latency, memory and accuracy after every pass",
+                       description="Runs the pipeline and, before the first pass and after "
+                                   "each one, lowers the graph as it stands and measures it on "
+                                   "the same prompts against eager PyTorch.")
+    f.add_argument("model", help="model file or folder (as for optimize)")
+    f.add_argument("--passes", default="default",
+                   help="preset (default, cleanup, none) or comma-separated pass names")
+    f.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="profile the KV-cache insertion too (default on)")
+    f.add_argument("-o", "--output", help="also keep the final engine in this directory")
+    f.add_argument("--json", help="write the numbers to this JSON file")
+    f.add_argument("--plot", help="write a PNG chart of latency and accuracy per pass")
+    f.add_argument("--prompt-tokens", type=int, default=128, help="prefill length (128)")
+    f.add_argument("--decode-tokens", type=int, default=128,
+                   help="tokens decoded for the ms/token percentiles (128)")
+    f.add_argument("--agreement-tokens", type=int, default=64,
+                   help="greedy tokens compared with eager PyTorch (64)")
+    f.add_argument("--held-tokens", type=int, default=512,
+                   help="held-out tokens for perplexity (512)")
+    f.add_argument("--repeats", type=int, default=3, help="prefill timings per row (median)")
+    f.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    f.set_defaults(func=cmd_profile)
 
     i = sub.add_parser("inspect", help="print a model's IR or an engine's manifest")
     i.add_argument("target", help="model file/folder or engine directory")

