@@ -82,7 +82,8 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
 
         def measure(graph, name: str, record: PassRecord | None) -> dict:
             index = len(hook.rows) + 1
-            say(f"[{index}/{total_rows}] measuring the engine after {name} "
+            when = "as" if record is None else "after"
+            say(f"[{index}/{total_rows}] measuring the engine {when} {name} "
                 f"({len(graph)} nodes) ...")
             start = time.perf_counter()
             folder = work / f"{index:02d}-{name}"

@@ -57,12 +57,26 @@ def measure(request: dict) -> dict:
         "prefill_ms": statistics.median(prefill),
         "decode_ms_p50": float(np.percentile(per_token, 50)) if per_token.size else None,
         "decode_ms_p90": float(np.percentile(per_token, 90)) if per_token.size else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "max_abs_logit_diff": float(np.abs(logits - reference).max()),
         "greedy_agreement": float(np.mean(forced == np.array(greedy))),
         "greedy_identical_prefix": same.index(False),
         "perplexity": perplexity(eng.logits([held])[0], held),
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM, which starts afresh at exec;
+    getrusage's ru_maxrss would carry over the (larger) peak of the parent that forked us."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
 
 
 def perplexity(logits: np.ndarray, ids: list[int]) -> float:

@@ -13,6 +13,7 @@ from arcompile.cli import main
 from arcompile.errors import ArcompileError
 from arcompile.passes import build_pipeline
 from arcompile.profile import profile
+from arcompile.profile_measure import peak_rss_mb
 from arcompile.profile_report import COLUMNS, format_table
 
 SMALL = ["--prompt-tokens", "12", "--decode-tokens", "6", "--agreement-tokens", "6",
@@ -44,6 +45,9 @@ def test_a_row_before_the_first_pass_and_after_every_pass(run):
         for field in FIELDS:
             assert isinstance(row[field], (int, float)) and row[field] >= 0, (row["pass"], field)
         assert row["decode_ms_p90"] >= row["decode_ms_p50"]
+    # each row's peak memory is its own measuring process's, not this (larger) one's, which
+    # a forked child's ru_maxrss would report
+    assert all(row["peak_rss_mb"] < peak_rss_mb() for row in report["rows"])
     # the fusions and DCE shrink the graph; the cache pass adds its inputs and position ops
     assert report["rows"][-3]["nodes"] < report["rows"][0]["nodes"]
 
