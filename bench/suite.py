@@ -1,0 +1,415 @@
+"""The benchmark suite: SmolLM2 decode and prefill times of arcompile and its peers, in one run.
+
+    make bench                                    # or, with the venv set up:
+    .venv/bin/python bench/suite.py [--contexts 128 1024] [--new-tokens 32] [--repeats 3]
+        [--threads 2] [--systems KEY ...] [--genai-python PY] [--genai-model DIR]
+        [--genai-int4-model DIR] [--llama-python PY]
+
+Systems (keys for ``--systems``): arcompile_default (the shipping engine: fusions and the
+in-place KV cache), arcompile_attention (the clean-up passes and fuse_attention, the least
+the KV cache accepts), arcompile_cleanup (the preset, no fusions; with the cache if optimize
+gives it one, else uncached, as it ships), arcompile_uncached (the default passes, no
+cache), transformers_cached and transformers_uncached (eager ``generate`` with and without
+its cache), torch_compile (transformers' compiled-decode recipe), ort_genai_fp32 and
+ort_genai_int4 (ONNX Runtime GenAI's model-builder output), llama_cpp (llama-cpp-python on
+the same GGUF, Q4_1). Every system gets the same prompts (text from
+``pydoc_data.topics``) and the same thread count; the systems are alternated within each
+repeat, in a rotating order, so drift on a shared machine hits all alike.
+
+Per system and context: decode ms/token (median of the steps after the first new token, so
+the prefill is excluded; then the median over repeats), time to the first token (the
+prefill), and how many of its greedy tokens equal transformers eager's. A peer that is not
+installed is skipped with the reason; one that fails (or outlives its time limit) is
+recorded as failed with its error. Nothing is estimated or filled in.
+
+Peers run as subprocess workers (bench/peer_protocol.py) under their own Pythons, so their
+packages stay out of arcompile's environment. Where they are found:
+  --genai-python / $GENAI_PYTHON (default /tmp/genai-venv/bin/python, if it exists)
+  --genai-model / $GENAI_MODEL, --genai-int4-model / $GENAI_INT4_MODEL (default
+      /tmp/smol-genai and /tmp/smol-genai-int4): built from bench/smollm2_hf_folder.py's
+      folder by ``python -m onnxruntime_genai.models.builder -i HF -o DIR -p fp32|int4 -e cpu``
+  --llama-python / $LLAMA_PYTHON (default /tmp/llama-venv/bin/python): a Python with
+      llama-cpp-python (see bench/llamacpp_decode.py)
+torch.compile runs under this Python, in a worker with a time limit (``--compile-timeout``).
+
+Writes bench/results/suite.json and suite.md (the table, made from the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import arcompile  # noqa: E402
+from arcompile.frontend.load import find_smollm2_gguf, load_model  # noqa: E402
+from arcompile.passes.pipeline import PRESETS  # noqa: E402
+from decode_latency import prompt_ids  # noqa: E402
+from peer_protocol import time_tokens  # noqa: E402
+from peer_worker import PeerFailed, PeerWorker  # noqa: E402
+from suite_report import machine, markdown, versions  # noqa: E402
+from transformers_timing import time_generate  # noqa: E402
+
+REFERENCE = "transformers_cached"  # greedy tokens are compared with eager's
+BASELINE = "arcompile_default"  # decode ratios are to the shipping engine
+
+
+@dataclass
+class System:
+    key: str
+    label: str
+    precision: str
+    uncached: bool = False
+    note: str = ""
+    run: Callable[[str, list[int], int], dict] | None = None  # (ctx, ids, new) -> timing
+    skip: str | None = None  # "not installed: ..." / "failed: ..." once known
+    timeout_s: float = 600.0  # how long a worker's next answer may take
+    new_tokens: int = 0
+    warmup_s: dict[str, list[float]] = field(default_factory=dict)  # per warm-up round
+    timings: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_path(option: str | None, env: str, fallback: str) -> str | None:
+    """The option, else the environment variable, else the /tmp default if it exists."""
+    return option or os.environ.get(env) or (fallback if Path(fallback).exists() else None)
+
+
+def importable(python: str, module: str) -> str | None:
+    """None when ``module`` imports under ``python``, else why not."""
+    try:
+        done = subprocess.run([python, "-c", f"import {module}"], capture_output=True,
+                              text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run {python}: {e}"
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        return f"`import {module}` fails under {python}: {lines[-1] if lines else '?'}"
+    return None
+
+
+# -- arcompile and transformers, in this process ----------------------------------------------
+def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], bool],
+                      ) -> list[System]:
+    # (key, label, passes, ask for the KV cache, a refusal fails the system, note)
+    variants = [
+        ("arcompile_default", "arcompile default (fused, KV cache)", "default", True, True,
+         "the shipping engine: every pass, in-place KV cache"),
+        ("arcompile_attention", "arcompile cleanup + fuse_attention (KV cache)",
+         PRESETS["cleanup"] + ["fuse_attention"], True, True,
+         "the smallest pipeline the KV cache accepts: against default, what the other "
+         "fusions (norms, rope, MLP, merged linears) buy per token"),
+        # the preset as shipped: where optimize refuses it the cache (it needs fused
+        # attention), it writes the uncached engine, and that is what is measured
+        ("arcompile_cleanup", "arcompile cleanup (no fusions)", "cleanup", True, False,
+         "clean-up passes only"),
+        ("arcompile_uncached", "arcompile default, no KV cache", "default", False, False,
+         "every pass, kv_cache=False: each token recomputes the whole prefix"),
+    ]
+    systems = []
+    for key, label, passes, cached, needs_cache, note in variants:
+        system = System(key, label, "fp32", uncached=not cached, note=note)
+        if not wanted(key):
+            system.skip = "not run: left out by --systems"
+            systems.append(system)
+            continue
+        start = time.perf_counter()
+        try:
+            # the numerics checks are off because they only verify, and the engine they pass
+            # is the same; the greedy-token comparison with eager checks every run instead
+            report = arcompile.optimize(loaded, tmp / key, passes=passes, kv_cache=cached,
+                                        check_numerics=False, log=None)
+            if cached and report.kv_cache is None:
+                if needs_cache:
+                    raise RuntimeError(f"the KV cache was refused: {report.kv_cache_refused}")
+                system.uncached = True
+                system.label += ", KV cache refused: uncached"
+                system.note += f"; optimize refused the cache: {report.kv_cache_refused}"
+            eng = arcompile.load(tmp / key, threads=threads)
+        except Exception as e:  # noqa: BLE001 - recorded, and the suite goes on
+            system.skip = f"failed: {type(e).__name__}: {e}"
+            systems.append(system)
+            continue
+        system.note += f"; built in {time.perf_counter() - start:.0f} s"
+        system.run = streamed(eng)
+        systems.append(system)
+    return systems
+
+
+def streamed(eng) -> Callable[[str, list[int], int], dict]:
+    """An engine's decode timed token by token through ``stream`` (one row)."""
+    def run(ctx: str, ids: list[int], new: int) -> dict:
+        return time_tokens(lambda: (step[0] for step in eng.stream(ids, max_new_tokens=new)))
+    return run
+
+
+def transformers_systems(hf) -> list[System]:
+    cached = System("transformers_cached", "transformers eager, KV cache", "fp32",
+                    note="`generate(use_cache=True)`, its dynamic cache")
+    cached.run = lambda ctx, ids, new: time_generate(hf, ids, new, use_cache=True)
+    uncached = System("transformers_uncached", "transformers eager, no cache", "fp32",
+                      uncached=True, note="`generate(use_cache=False)`")
+    uncached.run = lambda ctx, ids, new: time_generate(hf, ids, new, use_cache=False)
+    return [cached, uncached]
+
+
+# -- peers, in worker subprocesses ------------------------------------------------------------
+def worker_system(system: System, python: str, script: str, model: str, threads: int,
+                  max_context: int, workers: list[PeerWorker]) -> System:
+    mine: list[PeerWorker] = []
+
+    def run(ctx: str, ids: list[int], new: int) -> dict:
+        if not mine:  # started on first use: a system left out by --systems costs nothing
+            mine.append(PeerWorker(python, HERE / script))
+            workers.append(mine[0])
+        answer = mine[0].ask(
+            {"model": model, "threads": threads, "new_tokens": new, "prompts": {ctx: ids},
+             "detail": True, "max_context": max_context}, timeout_s=system.timeout_s)
+        return answer[ctx]
+
+    system.run = run
+    return system
+
+
+def peer_systems(args, gguf: Path, max_context: int, workers: list[PeerWorker]) -> list[System]:
+    systems = []
+    compiled = System("torch_compile", "torch.compile (inductor, static cache)", "fp32",
+                      note="transformers' compiled-decode recipe; its prefill runs eagerly")
+    if args.no_torch_compile:
+        compiled.skip = "not run: --no-torch-compile"
+        systems.append(compiled)
+    else:
+        systems.append(worker_system(compiled, sys.executable, "torch_compile_decode.py",
+                                     str(gguf), args.threads, max_context, workers))
+
+    genai_python = default_path(args.genai_python, "GENAI_PYTHON", "/tmp/genai-venv/bin/python")
+    genai_missing = (importable(genai_python, "onnxruntime_genai") if genai_python else
+                     "no Python with onnxruntime-genai (--genai-python or $GENAI_PYTHON; "
+                     "/tmp/genai-venv/bin/python is absent)")
+    for key, label, precision, flag, env, fallback in [
+        ("ort_genai_fp32", "ONNX Runtime GenAI fp32", "fp32", "--genai-model", "GENAI_MODEL",
+         "/tmp/smol-genai"),
+        ("ort_genai_int4", "ONNX Runtime GenAI int4", "int4 (MatMulNBits)",
+         "--genai-int4-model", "GENAI_INT4_MODEL", "/tmp/smol-genai-int4"),
+    ]:
+        option = getattr(args, flag[2:].replace("-", "_"))
+        system = System(key, label, precision, note="model-builder output (`-e cpu`, its defaults)")
+        model = default_path(option, env, fallback)
+        if genai_missing:
+            system.skip = f"not installed: {genai_missing}"
+        elif not model:
+            system.skip = (f"not installed: no {label} model folder ({flag} or ${env}; "
+                           f"{fallback} is absent)")
+        else:
+            worker_system(system, genai_python, "genai_decode.py", model, args.threads,
+                          max_context, workers)
+        systems.append(system)
+
+    llama = System("llama_cpp", "llama.cpp (llama-cpp-python)", "Q4_1 (the GGUF as shipped)",
+                   note="same GGUF file, its own 4-bit kernels")
+    llama_python = default_path(args.llama_python, "LLAMA_PYTHON", "/tmp/llama-venv/bin/python")
+    missing = (importable(llama_python, "llama_cpp") if llama_python else
+               "no Python with llama-cpp-python (--llama-python or $LLAMA_PYTHON; "
+               "/tmp/llama-venv/bin/python is absent)")
+    if missing:
+        llama.skip = f"not installed: {missing}"
+    else:
+        worker_system(llama, llama_python, "llamacpp_decode.py", str(gguf), args.threads,
+                      max_context, workers)
+    systems.append(llama)
+    return systems
+
+
+# -- measuring ---------------------------------------------------------------------------------
+def attempt(system: System, ctx: str, ids: list[int], new: int, timeout_s: float) -> dict | None:
+    """One timed decode; a failure marks the system failed and returns None."""
+    system.timeout_s = timeout_s
+    try:
+        return system.run(ctx, ids, new)
+    except Exception as e:  # noqa: BLE001 - recorded, and the suite goes on
+        reason = str(e) if isinstance(e, PeerFailed) else f"{type(e).__name__}: {e}"
+        system.skip = f"failed: {reason}"
+        log(f"  {system.key} failed: {reason}")
+        return None
+
+
+def measure(systems: list[System], prompts: dict[str, list[int]], args) -> list[list[float]]:
+    """Warm up, then time every live system; returns the 1-minute load average at the start
+    and end of each repeat (above the thread count: something else shared the cores)."""
+    live = lambda: [s for s in systems if s.skip is None]  # noqa: E731
+    new_for = lambda s: args.uncached_new_tokens if s.uncached else args.new_tokens  # noqa: E731
+    log("warming up (first runs allocate, and torch.compile compiles) ...")
+    for system in live():
+        system.new_tokens = new_for(system)
+        compiled = system.key == "torch_compile"
+        timeout = args.compile_timeout if compiled else args.peer_timeout
+        # the same request as the timed ones (torch.compile's graphs depend on its length),
+        # except for the uncached systems, where a few tokens warm up as well as many.
+        # torch.compile gets two rounds: going back to a length it has seen can still
+        # recompile once (the cache length turns dynamic), seen in a repeat otherwise
+        warm_new = 3 if system.uncached else system.new_tokens
+        for _ in range(2 if compiled else 1):
+            for ctx, ids in prompts.items():
+                start = time.perf_counter()
+                if attempt(system, ctx, ids, warm_new, timeout) is None:
+                    if compiled and "no answer" in (system.skip or ""):
+                        system.skip += (" (compiling on this CPU took longer than "
+                                        "--compile-timeout)")
+                    break
+                system.warmup_s.setdefault(ctx, []).append(time.perf_counter() - start)
+                log(f"  {system.key} ctx {ctx}: {system.warmup_s[ctx][-1]:.1f} s")
+            if system.skip is not None:
+                break
+    load: list[list[float]] = []
+    for r in range(args.repeats):
+        load.append([round(os.getloadavg()[0], 2)])
+        order = live()
+        order = order[r % len(order):] + order[:r % len(order)] if order else order
+        log(f"repeat {r + 1}/{args.repeats}: {', '.join(s.key for s in order)}")
+        for ctx, ids in prompts.items():
+            for system in order:
+                if system.skip is None:
+                    t = attempt(system, ctx, ids, new_for(system), args.peer_timeout)
+                    if t is not None:
+                        system.timings.setdefault(ctx, []).append(t)
+        load[-1].append(round(os.getloadavg()[0], 2))
+    return load
+
+
+def summary(system: System, reference: System | None, baseline: System | None) -> dict:
+    out: dict[str, Any] = {"label": system.label, "precision": system.precision}
+    if system.skip is not None:
+        status, reason = system.skip.split(": ", 1)
+        return {**out, "status": status, "reason": reason, "note": system.note}
+    note = system.note
+    if system.key == "torch_compile":  # its first run per length is the compile
+        note += "; first run (compiling) " + ", ".join(
+            f"{s[0]:.0f} s at {c}" for c, s in system.warmup_s.items())
+    out.update(status="measured", note=note,
+               new_tokens=system.new_tokens,
+               warmup_s={c: [round(x, 2) for x in s] for c, s in system.warmup_s.items()}, contexts={})
+    for ctx, runs in system.timings.items():
+        per = {"decode_ms_per_token": statistics.median(t["decode_ms"] for t in runs),
+               "first_token_ms": statistics.median(t["first_token_ms"] for t in runs),
+               "decode_ms_runs": [round(t["decode_ms"], 3) for t in runs],
+               "first_token_ms_runs": [round(t["first_token_ms"], 3) for t in runs],
+               # the best repeat: the least disturbed by other processes on a shared machine
+               "decode_ms_min": min(t["decode_ms"] for t in runs),
+               "steps_per_run": runs[0]["steps"]}
+        if "engine" in runs[0]:
+            out["engine"] = runs[0]["engine"]
+        if reference is not None and reference.skip is None and ctx in reference.timings:
+            mine, eager = runs[0]["tokens"], reference.timings[ctx][0]["tokens"]
+            n = min(len(mine), len(eager))
+            same = next((i for i in range(n) if mine[i] != eager[i]), n)
+            per["greedy_match_vs_eager"] = f"{same}/{n}"
+        out["contexts"][ctx] = per
+    if baseline is not None and baseline.skip is None:
+        out["decode_vs_arcompile_default"] = {
+            ctx: per["decode_ms_per_token"] /
+            statistics.median(t["decode_ms"] for t in baseline.timings[ctx])
+            for ctx, per in out["contexts"].items() if ctx in baseline.timings}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024],
+                        help="prompt lengths to decode after (default 128 1024)")
+    parser.add_argument("--prefill-context", type=int, default=128,
+                        help="the context whose time to first token the table shows")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--uncached-new-tokens", type=int, default=8,
+                        help="new tokens for the systems without a cache, whose every step "
+                             "recomputes the prefix (seconds per token at context 1024)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--systems", nargs="+", help="measure only these keys (see above)")
+    parser.add_argument("--genai-python")
+    parser.add_argument("--genai-model")
+    parser.add_argument("--genai-int4-model")
+    parser.add_argument("--llama-python")
+    parser.add_argument("--no-torch-compile", action="store_true")
+    parser.add_argument("--compile-timeout", type=float, default=1200,
+                        help="seconds torch.compile's first run of a context may take")
+    parser.add_argument("--peer-timeout", type=float, default=600,
+                        help="seconds any other single decode may take")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+    if min(args.new_tokens, args.uncached_new_tokens) < 3:
+        parser.error("--new-tokens and --uncached-new-tokens must be at least 3 (2 steps)")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    gguf = find_smollm2_gguf()
+    log(f"loading {gguf.name} ...")
+    loaded = load_model(str(gguf), log=log)
+    prompts = {str(ctx): prompt_ids(loaded.tokenizer, ctx) for ctx in args.contexts}
+    max_context = max(args.contexts) + max(args.new_tokens, args.uncached_new_tokens)
+    wanted = set(args.systems or [])
+    workers: list[PeerWorker] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            log("building the arcompile engines ...")
+            systems = arcompile_systems(loaded, Path(tmp), args.threads,
+                                        lambda key: not wanted or key in wanted)
+            systems += transformers_systems(loaded.module.model)
+            systems += peer_systems(args, gguf, max_context, workers)
+            for system in systems:
+                if wanted and system.key not in wanted and system.skip is None:
+                    system.skip = "not run: left out by --systems"
+            load = measure(systems, prompts, args)
+        finally:
+            for worker in workers:
+                worker.close()
+
+    by_key = {s.key: s for s in systems}
+    result = {
+        "benchmark": "suite",
+        "model": "SmolLM2-135M-Instruct",
+        "source": f"{gguf.name} (arcompile, transformers and GenAI dequantize it to fp32)",
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(),
+        "versions": versions(),
+        "threads": args.threads,
+        "contexts": args.contexts,
+        "prefill_context": (args.prefill_context if args.prefill_context in args.contexts
+                            else args.contexts[0]),
+        "new_tokens": args.new_tokens,
+        "uncached_new_tokens": args.uncached_new_tokens,
+        "repeats": args.repeats,
+        "prompts": "pydoc_data.topics text (bench/decode_latency.py prompt_ids)",
+        "wall_s": None,
+        "load_average_per_repeat": load,
+        "systems": {s.key: summary(s, by_key.get(REFERENCE), by_key.get(BASELINE))
+                    for s in systems},
+    }
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "suite.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    (out / "suite.md").write_text(table)
+    print(table)
+    print(f"wrote {out / 'suite.json'} and {out / 'suite.md'} ({result['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
