@@ -21,7 +21,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
                       check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
-                      kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context)
+                      kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
+                      quantize=args.quantize, group_size=args.group_size,
+                      max_ppl_increase=args.max_ppl_increase)
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -30,9 +32,24 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"kv cache: on ({report.kv_cache['layers']} layers)")
     elif report.kv_cache_refused:
         print(f"kv cache: not inserted, engine is uncached: {report.kv_cache_refused}")
+    if report.quantization is not None:
+        q = report.quantization
+        print(f"quantization: {q['mode']}, perplexity {q['perplexity_unquantized']:.3f} -> "
+              f"{q['perplexity']:.3f} ({q['perplexity_increase']:+.2%}), greedy agreement "
+              f"{q['greedy_agreement']:.1%}")
     print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
           f"{report.seconds:.1f} s)")
     return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a percentage, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -141,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-context", type=int, default=None,
                    help="the most tokens (prompt + new) the engine decodes (default: the "
                         "model's max_position_embeddings, else 2048)")
+    o.add_argument("--quantize", choices=("int8", "int4"),
+                   help="quantize linear weights (round-to-nearest, MatMulNBits), held to "
+                        "--max-ppl-increase on held-out text")
+    o.add_argument("--group-size", type=int,
+                   help="with --quantize: weights per scale along K (a power of two >= 16; "
+                        "default int4 32, int8 128)")
+    o.add_argument("--max-ppl-increase", type=_fraction,
+                   help="with --quantize: the most perplexity may rise, e.g. 8%% or 0.08 "
+                        "(default int8 1%%, int4 8%%); beyond it optimize fails with the "
+                        "figures and writes nothing")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")

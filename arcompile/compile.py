@@ -53,6 +53,7 @@ class OptimizeReport:
     manifest: dict = field(default_factory=dict)
     kv_cache: dict | None = None  # the manifest's cache layout; None when uncached
     kv_cache_refused: str | None = None  # why InsertKVCache left the graph uncached
+    quantization: dict | None = None  # the manifest's quantization entry (gate figures)
 
 
 def _sample_tokens(vocab_size: int) -> torch.Tensor:
@@ -65,7 +66,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              check_numerics: bool = True, log: Callable[[str], None] | None = print,
              kv_cache: bool = True, kv_cache_runtime: str = "inplace",
              max_context: int | None = None, hooks: Sequence[Hook] = (),
-             **options: Any) -> OptimizeReport:
+             quantize: str | None = None, group_size: int | None = None,
+             max_ppl_increase: float | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -76,7 +78,10 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     present) or ``"concat"`` (presents are new arrays fed back; copies the cache every step).
     ``max_context``: the most tokens (prompt + new) an engine decodes; defaults to the
     model's ``max_position_embeddings``, else 2048. ``hooks``: more pass-manager hooks, run
-    after every pass (``arcompile profile`` measures with one). Unknown options are an error.
+    after every pass (``arcompile profile`` measures with one). ``quantize``: ``"int8"`` or
+    ``"int4"`` weights (``group_size``: block size along K), held to ``max_ppl_increase``
+    (relative perplexity on held-out text; default int8 1%, int4 8%): see
+    ``arcompile/quantization.py``. Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
@@ -116,24 +121,44 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         records += cache_records
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
+    extra, validate, quantized = {}, None, None
+    if quantize:
+        from arcompile import quantization
+
+        quant_records, quantized = quantization.quantize(
+            graph, quantize, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
+            max_tokens=int(loaded.config.get("max_position_embeddings") or 0) or None)
+        records += quant_records
+        extra["quantization"] = quantized
+
+        def check_perplexity(folder: Path) -> None:  # ORT's perplexity against the IR's
+            quantization.check_engine(graph, folder, quantized)
+            say(f"  ONNX Runtime perplexity {quantized['perplexity_onnxruntime']:.3f} "
+                f"(IR: {quantized['perplexity']:.3f})")
+            quantized.pop("_ids", None)
+        validate = check_perplexity
     manifest, cache_layout, diff = write_engine(
         graph, output_dir, loaded, records, tokenizer=tok,
-        sample=sample if check_numerics else None, refused=refused, log=say)
+        sample=sample if check_numerics and not quantize else None, refused=refused, log=say,
+        extra=extra, validate=validate)
     seconds = time.perf_counter() - start
     say(f"wrote {output_dir} in {seconds:.1f} s")
     return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
-                          manifest, cache_layout, refused)
+                          manifest, cache_layout, refused, quantized)
 
 
 def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord],
                  tokenizer: Any = None, sample: torch.Tensor | None = None,
-                 refused: str | None = None, log: Callable[[str], None] | None = None
+                 refused: str | None = None, log: Callable[[str], None] | None = None,
+                 extra: dict | None = None, validate: Callable[[Path], None] | None = None
                  ) -> tuple[dict, dict | None, float]:
     """Lower ``graph`` as it stands into an engine directory (staged, moved into place).
 
     With ``sample``, ONNX Runtime (its optimizations off) is checked against the reference
     interpreter on it. Returns (manifest, the manifest's kv_cache entry or None, that check's
-    max |Δlogit| or NaN). ``optimize`` and ``arcompile profile`` (once per pass) use it.
+    max |Δlogit| or NaN). ``extra``: more manifest entries. ``validate(folder)`` runs on the
+    staged engine once its manifest is written (it may update ``extra``; raising leaves
+    nothing behind). ``optimize`` and ``arcompile profile`` (once per pass) use it.
     """
     from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
 
@@ -147,7 +172,7 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        manifest = write_manifest(tmp, {
+        entries = {
             "runtime": "onnxruntime-cpu",
             "model_file": "model.onnx",
             "inputs": io["inputs"],
@@ -162,7 +187,11 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             "config": {k: v for k, v in loaded.config.items() if v is not None},
             "tools": _tool_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        }
+        manifest = write_manifest(tmp, {**entries, **(extra or {})})
+        if validate is not None:
+            validate(tmp)
+            manifest = write_manifest(tmp, {**entries, **(extra or {})})
     return manifest, cache_layout, diff
 
 
