@@ -12,7 +12,7 @@ from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.ir import run_graph
 from arcompile.passes import PassManager, VerifyHook, build_pipeline
-from arcompile.passes.quant_math import (dequantize, pack, quantize,
+from arcompile.passes.quant_math import (block_sums, dequantize, pack, quantize,
                                          quantize_activations_int8, unpack)
 from arcompile.passes.quantize_weights import QuantizeWeights
 from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
@@ -42,7 +42,12 @@ def _fused(builder, decomposed: bool = False):
     return model, copy.deepcopy(g, {id(v.data): v.data for v in g.constants()})
 
 
-def _dequantized_copy(model, bits, block_size, symmetric, include_lm_head=False):
+def _quantize(w, bits, block_size, zero_point):
+    return quantize(w, bits, block_size, symmetric=zero_point == "none",
+                    float_minimum=zero_point == "float")
+
+
+def _dequantized_copy(model, bits, block_size, zero_point, include_lm_head=False):
     """``model`` with every nn.Linear weight replaced by dequant(quant(W)): what the quantized
     graph must compute (exactly, at accuracy_level 0). The LM head too only when asked."""
     import copy
@@ -50,7 +55,7 @@ def _dequantized_copy(model, bits, block_size, symmetric, include_lm_head=False)
     model = copy.deepcopy(model)
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and (include_lm_head or not name.endswith("lm_head")):
-            q = quantize(mod.weight.data, bits, block_size, symmetric)
+            q = _quantize(mod.weight.data, bits, block_size, zero_point)
             mod.weight = torch.nn.Parameter(q.dequantize())
     return model
 
@@ -80,6 +85,59 @@ def test_round_to_nearest_error_is_at_most_half_a_step(bits, symmetric, K, block
     # the padding past K dequantizes to exact zeros (code == zero point)
     padded = dequantize(q.packed, q.scales, q.zero_points, nb * block_size, bits, block_size)
     assert torch.equal(padded[:, K:], torch.zeros(24, nb * block_size - K))
+
+
+def _q4_1_weight(N, K, seed=0):
+    """A weight as a Q4_1 GGUF dequantizes to: per block of 32 along K, w = d * code + m with
+    fp16 d and m (rounded to float16, as stored) and codes 0..15, each block using both ends
+    (llama.cpp sets d = (max - min) / 15, m = min)."""
+    g = torch.Generator().manual_seed(seed)
+    nb = K // 32
+    d = (torch.rand(N, nb, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (-torch.rand(N, nb, 1, generator=g) * 8 * d).half().float()
+    codes = torch.randint(0, 16, (N, nb, 32), generator=g).float()
+    codes[..., 3], codes[..., 17] = 0, 15
+    return (d * codes + m).reshape(N, K)
+
+
+def test_float_minimum_reproduces_q4_1_weights_exactly():
+    w = _q4_1_weight(24, 576)
+    q = quantize(w, 4, 32, symmetric=False, float_minimum=True)
+    assert q.zero_points is None and q.block_offsets.shape == (18, 24)
+    block_max_NbB = w.abs().reshape(24, 18, 32).amax(-1, keepdim=True)
+    err_NbB = (w - q.dequantize()).abs().reshape(24, 18, 32)
+    assert (err_NbB <= 1e-6 * block_max_NbB).all()
+    # no integer zero point can: the minimum is rarely a whole number of steps from 0
+    err_int = (w - quantize(w, 4, 32, symmetric=False).dequantize()).abs().reshape(24, 18, 32)
+    assert (err_int > 1e-2 * block_max_NbB).any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("K,block_size", [(64, 32), (576, 128), (100, 16)])
+def test_float_minimum_error_is_at_most_half_a_step(bits, K, block_size):
+    torch.manual_seed(0)
+    w = torch.randn(24, K) * torch.rand(24, 1) * 3 + torch.rand(24, 1)  # rows off centre
+    w[3, :block_size] = 0.25  # a constant block: scale 1, every code 0, exact
+    q = quantize(w, bits, block_size, symmetric=False, float_minimum=True)
+    nb = -(-K // block_size)
+    assert q.packed.shape == (24, nb, block_size * bits // 8) and q.scales.shape == (24 * nb,)
+    dq = q.dequantize()
+    step = q.scales.reshape(24, nb).repeat_interleave(block_size, 1)[:, :K]
+    assert ((w - dq).abs() <= step / 2 * (1 + 1e-5) + 1e-6).all()
+    assert torch.equal(dq[3, :block_size], torch.full((block_size,), 0.25))
+    # each block's range comes from its real elements only: both ends are hit exactly
+    real = torch.zeros(24, nb * block_size, dtype=torch.bool)
+    real[:, :K] = True
+    padded = torch.where(real, torch.nn.functional.pad(dq, (0, nb * block_size - K)), torch.nan)
+    w_padded = torch.where(real, torch.nn.functional.pad(w, (0, nb * block_size - K)), torch.nan)
+    for reduce in (lambda t: t.reshape(24, nb, -1).nan_to_num(torch.inf).amin(-1),
+                   lambda t: t.reshape(24, nb, -1).nan_to_num(-torch.inf).amax(-1)):
+        assert torch.allclose(reduce(padded), reduce(w_padded), rtol=1e-6, atol=1e-6)
+
+
+def test_block_sums_pad_the_last_block():
+    x = torch.arange(1.0, 11.0).reshape(1, 10)
+    assert block_sums(x, 4).tolist() == [[10.0, 26.0, 19.0]]
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -126,7 +184,8 @@ def test_quantize_golden_llama_int4():
         ("aten.mul.Tensor", "mlp"), ("arc.matmul_nbits", "mlp")]
     qkv, o_proj, gate_up, down = (n for n in layer0 if n.op == "arc.matmul_nbits")
     assert qkv.attrs == {"K": 64, "N": 128, "bits": 4, "block_size": 32,
-                         "has_zero_points": False, "has_bias": False, "accuracy_level": 4}
+                         "has_zero_points": False, "has_block_offsets": False,
+                         "has_bias": False, "accuracy_level": 4}
     assert layer0[1].attrs["split_sizes"] == [64, 32, 32]
     assert (gate_up.attrs["N"], gate_up.attrs["K"]) == (256, 64)
     assert (down.attrs["N"], down.attrs["K"]) == (64, 128)
@@ -138,9 +197,27 @@ def test_quantize_golden_llama_int4():
                                                      ("B", "T", 32)]
 
 
+def test_quantize_golden_float_minimum_is_the_int4_default():
+    _, g = _fused(llama)
+    result = apply_pass(g, QuantizeWeights(bits=4))
+    assert result.counts == {"int4_g32_fmin": 8}
+    for n in (n for n in g.nodes() if n.op == "arc.matmul_nbits"):
+        assert n.origin == "quantize_weights/int4_g32_fmin"
+        N, K = n.attrs["N"], n.attrs["K"]
+        assert n.attrs == {"K": K, "N": N, "bits": 4, "block_size": 32,
+                           "has_zero_points": False, "has_block_offsets": True,
+                           "has_bias": False, "accuracy_level": 4}
+        x, packed, scales, offsets_bN = n.inputs
+        nb = -(-K // 32)
+        assert packed.dtype == torch.uint8 and packed.shape == (N, nb, 16)
+        assert scales.shape == (N * nb,)
+        assert offsets_bN.is_constant and offsets_bN.dtype == torch.float32
+        assert offsets_bN.shape == (nb, N) and offsets_bN.name.endswith("_block_offsets_bN")
+
+
 def test_quantize_golden_asymmetric_int8_with_biases():
     _, g = _fused(opt)  # OPT: biases on every linear, a plain (not gated) MLP
-    result = apply_pass(g, QuantizeWeights(bits=8, block_size=64, symmetric=False))
+    result = apply_pass(g, QuantizeWeights(bits=8, block_size=64, zero_point="int"))
     assert result.counts == {"int8_g64_asym": 8}  # per layer: QKV, out_proj, fc1, fc2
     for n in (n for n in g.nodes() if n.op == "arc.matmul_nbits"):
         assert n.attrs["has_zero_points"] and n.attrs["has_bias"] and n.attrs["bits"] == 8
@@ -165,10 +242,12 @@ def test_quantize_golden_decomposed_form():
 
 
 # -- numbers --------------------------------------------------------------------------------
-SETTINGS = [dict(bits=4, block_size=32, symmetric=True),
-            dict(bits=4, block_size=64, symmetric=False),
-            dict(bits=8, block_size=128, symmetric=True),
-            dict(bits=8, block_size=16, symmetric=False)]
+SETTINGS = [dict(bits=4, block_size=32, zero_point="none"),
+            dict(bits=4, block_size=64, zero_point="int"),
+            dict(bits=4, block_size=32, zero_point="float"),
+            dict(bits=8, block_size=128, zero_point="none"),
+            dict(bits=8, block_size=16, zero_point="int"),
+            dict(bits=8, block_size=64, zero_point="float")]
 
 
 @pytest.mark.parametrize("builder", [llama, opt], ids=["llama", "opt"])
@@ -180,7 +259,7 @@ def test_quantize_numbers_interpreter_ort_and_eager(tmp_path, builder, setting):
     got = run_onnx(g, tmp_path, X)
     assert abs(got - ref.numpy()).max() <= 1e-4  # the lowering computes what the IR says
     want = _dequantized_copy(model, setting["bits"], setting["block_size"],
-                             setting["symmetric"])(X).detach()
+                             setting["zero_point"])(X).detach()
     assert (ref - want).abs().max() <= 1e-4  # every weight went where it belongs
     assert (ref - model(X).detach()).abs().max() > 1e-4  # and it is quantized
 
@@ -229,22 +308,67 @@ class Wide(torch.nn.Module):
 
 
 @pytest.mark.parametrize("block_size", [128, 64])
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_quantize_576_wide_layer_is_padded_not_skipped(tmp_path, block_size, symmetric):
+@pytest.mark.parametrize("zero_point", ["none", "int", "float"])
+def test_quantize_576_wide_layer_is_padded_not_skipped(tmp_path, block_size, zero_point):
     model = Wide().eval()
     g = cleanup(to_ir(model, TOKENS))
-    result = apply_pass(g, QuantizeWeights(bits=4, block_size=block_size, symmetric=symmetric,
+    result = apply_pass(g, QuantizeWeights(bits=4, block_size=block_size, zero_point=zero_point,
                                            accuracy_level=0, include_lm_head=True))
     assert sum(result.counts.values()) == 2 and not result.notes
     proj = next(n for n in g.nodes() if n.op == "arc.matmul_nbits" and n.attrs["K"] == 576)
     nb = -(-576 // block_size)  # 5 blocks of 128 (the last half padding) or 9 of 64
     assert proj.inputs[1].shape == (96, nb, block_size // 2)
-    if not symmetric:
+    if zero_point == "int":
         assert proj.inputs[3].shape == (96, -(-nb // 2))  # 9 zero points: 5 bytes a row
+    if zero_point == "float":
+        assert proj.inputs[3].shape == (nb, 96)  # block offsets, one per block and row
     ref = run_graph(g, [X])[0]
     assert abs(run_onnx(g, tmp_path, X) - ref.numpy()).max() <= 1e-4
-    want = _dequantized_copy(model, 4, block_size, symmetric, include_lm_head=True)(X)
+    want = _dequantized_copy(model, 4, block_size, zero_point, include_lm_head=True)(X)
     assert (ref - want.detach()).abs().max() <= 1e-4
+
+
+def test_quantize_float_minimum_lowering_golden(tmp_path):
+    # y = MatMulNBits(x, codes, scales) + block_sums(x) @ offsets_bN, x zero-padded to whole
+    # blocks where they do not divide K: 576 = 9 blocks of 64, 96 = 1.5
+    import onnx
+
+    from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
+
+    g = cleanup(to_ir(Wide().eval(), TOKENS))
+    apply_pass(g, QuantizeWeights(bits=4, block_size=64, zero_point="float",
+                                  include_lm_head=True))
+    lower_to_onnx(g, tmp_path)
+    m = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False)
+    types = [n.op_type for n in m.graph.node]
+    first = types.index("MatMulNBits")
+    assert types[first:first + 5] == ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"]
+    second = types.index("MatMulNBits", first + 1)
+    assert types[second:second + 6] == ["MatMulNBits", "Pad", "Reshape", "ReduceSum", "MatMul",
+                                        "Add"]
+    nbits = next(n for n in m.graph.node if n.op_type == "MatMulNBits")
+    assert len(nbits.input) == 3  # no zero points: MatMulNBits' fast symmetric path
+    assert {a.name: a.i for a in nbits.attribute} == {"K": 576, "N": 96, "bits": 4,
+                                                      "block_size": 64, "accuracy_level": 4}
+
+
+def test_quantize_float_minimum_is_lossless_on_q4_1_weights(tmp_path):
+    # weights as a Q4_1 GGUF holds them: the quantized engine computes the float model
+    model = Wide().eval()
+    with torch.no_grad():
+        model.proj.weight.copy_(_q4_1_weight(96, 576, seed=1))
+        model.out.weight.copy_(_q4_1_weight(16, 96, seed=2))
+    g = cleanup(to_ir(model, TOKENS))
+    result = apply_pass(g, QuantizeWeights(bits=4, block_size=32, zero_point="float",
+                                           accuracy_level=0, include_lm_head=True))
+    assert result.counts == {"int4_g32_fmin": 2}
+    want = model(X).detach().numpy()
+    assert abs(run_onnx(g, tmp_path / "fmin", X) - want).max() <= 1e-4
+    # the integer zero point on the same weights is off by far more
+    g = cleanup(to_ir(model, TOKENS))
+    apply_pass(g, QuantizeWeights(bits=4, block_size=32, zero_point="int", accuracy_level=0,
+                                  include_lm_head=True))
+    assert abs(run_onnx(g, tmp_path / "int", X) - want).max() > 1e-2
 
 
 # -- the LM head ----------------------------------------------------------------------------
@@ -264,7 +388,7 @@ def test_quantize_lm_head_option_keeps_the_tied_embedding_exact(tmp_path):
     ref = run_graph(g, [X])[0]
     assert abs(run_onnx(g, tmp_path, X) - ref.numpy()).max() <= 1e-4
     # the head is quantized, the embedding lookup is not
-    want = _dequantized_copy(model, 4, 32, True)
+    want = _dequantized_copy(model, 4, 32, "none")
     inner = want.model
     w = inner.model.embed_tokens.weight.data.clone()
     inner.lm_head.weight = torch.nn.Parameter(quantize(w, 4, 32).dequantize())  # unties
@@ -297,9 +421,12 @@ def test_quantize_leaves_a_computed_weight_alone():
 
 def test_quantize_refuses_formats_matmulnbits_cannot_hold():
     for bad in (dict(bits=3), dict(bits=4, block_size=96), dict(bits=4, block_size=8),
-                dict(bits=4, accuracy_level=2)):
+                dict(bits=4, accuracy_level=2), dict(zero_point="float", symmetric=True),
+                dict(zero_point="fp16")):
         with pytest.raises(ValueError):
             QuantizeWeights(**bad)
+    with pytest.raises(ValueError):
+        quantize(torch.ones(4, 32), 4, 32, symmetric=True, float_minimum=True)
 
 
 # -- the real model -------------------------------------------------------------------------
@@ -308,13 +435,17 @@ def test_quantize_smollm2_every_layer_and_the_lowering(smollm2, tmp_path):
 
     g = from_exported_program(smollm2.program, "smollm2")
     PassManager(build_pipeline("default"), [VerifyHook()]).run(g)
+    # this SmolLM2 was dequantized from a Q4_1 GGUF: the float minimum gives its weights back
+    w = next(v for v in g.constants() if v.name.endswith("down_proj_weight")).data
+    q = quantize(w, 4, 32, symmetric=False, float_minimum=True)
+    assert (w - q.dequantize()).abs().max() <= 1e-6 * w.abs().max()
     # level 0: SmolLM2's activations reach thousands, so at level 4 one activation rounded
     # the other way in ORT moves the logits by ~1 (measured 1.5-2 on random tokens)
-    result = apply_pass(g, QuantizeWeights(bits=4, block_size=128, accuracy_level=0))
-    assert result.counts == {"int4_g128_asym": 30 * 4}  # QKV, o_proj, [gate; up], down
+    result = apply_pass(g, QuantizeWeights(bits=4, block_size=32, accuracy_level=0))
+    assert result.counts == {"int4_g32_fmin": 30 * 4}  # QKV, o_proj, [gate; up], down
     assert len(result.notes) == 1 and "LM head" in result.notes[0]
     shapes = {(n.attrs["N"], n.attrs["K"]) for n in g.nodes() if n.op == "arc.matmul_nbits"}
-    assert shapes == {(960, 576), (576, 576), (3072, 576), (576, 1536)}  # 576 = 4.5 blocks
+    assert shapes == {(960, 576), (576, 576), (3072, 576), (576, 1536)}
     tokens = torch.tensor([[1, 504, 3458, 314, 4649, 30]])
     ref = run_graph(g, [tokens])[0]
     got = run_onnx(g, tmp_path, tokens)

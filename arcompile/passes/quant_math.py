@@ -4,7 +4,7 @@ A weight ``W[N, K]`` (nn.Linear's (out, in)) is cut along K into ``n_blocks = ce
 blocks of ``B = block_size`` values; K is zero-padded up to ``n_blocks * B`` so a width that
 ``B`` does not divide (SmolLM2's 576 with B = 128: 4 full blocks and one of 64 + 64 zeros) is
 quantized like any other, never skipped. Each block has one float scale and, asymmetric, one
-integer zero point; codes are unsigned ``bits``-bit integers::
+integer zero point or one float minimum; codes are unsigned ``bits``-bit integers::
 
     symmetric:   scale = max|w| / qmax_s,  qmax_s = 2^(bits-1) - 1   (7 for int4, 127 for int8)
                  code  = clamp(round(w / scale), -qmax_s, qmax_s) + 2^(bits-1)
@@ -15,6 +15,19 @@ integer zero point; codes are unsigned ``bits``-bit integers::
                  code  = clamp(round(w / scale) + zero, 0, 2^bits - 1)
     dequantized: w' = (code - zero) * scale,   |w - w'| <= scale / 2 for every element
 
+    float minimum (llama.cpp's Q4_1: w' = d * code + m, with float d and m per block):
+                 lo, hi = w_min, w_max          (the real elements only, not the padding)
+                 scale  = (hi - lo) / (2^bits - 1)
+                 code   = clamp(round((w - lo) / scale), 0, 2^bits - 1)
+                 stored as the symmetric form plus a float offset per block,
+                 offset = lo + 2^(bits-1) * scale,
+    dequantized: w' = (code - 2^(bits-1)) * scale + offset   (= code * scale + lo)
+
+The float minimum is what a Q4_1 GGUF holds, so weights dequantized from one (SmolLM2's
+here) come back exactly (to float rounding), which no integer zero point can do: the block's
+minimum is rarely a whole number of steps from 0. MatMulNBits takes the symmetric part at its
+fast path; the offsets add ``blocksum(x) @ offsets`` (``arc.matmul_nbits``' docstring).
+
 Round-to-nearest (ties to even, torch.round). A block of zeros gets scale 1 (its codes are
 the zero point, so it dequantizes to exact zeros).
 
@@ -22,7 +35,8 @@ Storage (what MatMulNBits reads): codes packed low bits first along K within eac
 ``uint8 [N, n_blocks, B * bits / 8]`` (int4: element 2i in the low nibble of byte i); scales
 ``float [N * n_blocks]``; zero points packed the same way per row,
 ``uint8 [N, ceil(n_blocks * bits / 8)]`` (a row's last byte is padded, not shared with the
-next row: ORT 1.32 refuses the flat packing when n_blocks is odd).
+next row: ORT 1.32 refuses the flat packing when n_blocks is odd); block offsets
+``float [n_blocks, N]`` (transposed, as the correction's MatMul reads them).
 
 The calibrated method (AWQ-style scaling) reuses ``quantize`` on a scaled weight.
 """
@@ -47,6 +61,7 @@ class QuantizedWeight:
     N: int
     bits: int
     block_size: int
+    block_offsets: torch.Tensor | None = None  # float [n_blocks, N]: the float-minimum form
 
     @property
     def n_blocks(self) -> int:
@@ -55,7 +70,7 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight ``[N, K]`` these codes stand for."""
         return dequantize(self.packed, self.scales, self.zero_points, self.K, self.bits,
-                          self.block_size, dtype)
+                          self.block_size, dtype, self.block_offsets)
 
 
 def blocks_of(K: int, block_size: int) -> int:
@@ -70,12 +85,18 @@ def check_format(bits: int, block_size: int) -> None:
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
 
 
-def quantize(weight_NK: torch.Tensor, bits: int, block_size: int,
-             symmetric: bool = True) -> QuantizedWeight:
-    """Round-to-nearest block-wise quantization of ``weight_NK`` (float ``[N, K]``)."""
+def quantize(weight_NK: torch.Tensor, bits: int, block_size: int, symmetric: bool = True,
+             float_minimum: bool = False) -> QuantizedWeight:
+    """Round-to-nearest block-wise quantization of ``weight_NK`` (float ``[N, K]``):
+    symmetric, asymmetric with integer zero points, or (``float_minimum``, which needs
+    ``symmetric=False``) asymmetric with a float minimum per block."""
     check_format(bits, block_size)
     if weight_NK.dim() != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(weight_NK.shape)}")
+    if float_minimum:
+        if symmetric:
+            raise ValueError("a float minimum is asymmetric: pass symmetric=False")
+        return _quantize_float_minimum(weight_NK, bits, block_size)
     N, K = weight_NK.shape
     nb = blocks_of(K, block_size)
     w = torch.zeros(N, nb * block_size, dtype=torch.float32)
@@ -102,10 +123,33 @@ def quantize(weight_NK: torch.Tensor, bits: int, block_size: int,
         K=K, N=N, bits=bits, block_size=block_size)
 
 
+def _quantize_float_minimum(weight_NK: torch.Tensor, bits: int,
+                            block_size: int) -> QuantizedWeight:
+    """The float-minimum form (module docstring). Only the real elements set a block's
+    range; the padding past K repeats the row's last code, which no product reads (x has
+    only K elements and ``block_sums`` pads it with zeros)."""
+    N, K = weight_NK.shape
+    nb = blocks_of(K, block_size)
+    qmax, mid = 2 ** bits - 1, 2 ** (bits - 1)
+    w = weight_NK.detach().float()
+    # pad with a copy of each row's last real element: it leaves min and max as they are
+    w = torch.cat([w, w[:, -1:].expand(N, nb * block_size - K)], 1)
+    w_NbB = w.reshape(N, nb, block_size)
+    lo = w_NbB.amin(-1)  # [N, nb]
+    scale = (w_NbB.amax(-1) - lo) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant block: codes 0
+    q = torch.clamp(torch.round((w_NbB - lo[..., None]) / scale[..., None]), 0, qmax)
+    offsets = lo + mid * scale
+    return QuantizedWeight(
+        packed=pack(q.to(torch.uint8), bits), scales=scale.reshape(-1).contiguous(),
+        zero_points=None, K=K, N=N, bits=bits, block_size=block_size,
+        block_offsets=offsets.t().contiguous())
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
-               K: int, bits: int, block_size: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(code - zero) * scale`` as a float ``[N, K]`` weight (padding dropped)."""
+               K: int, bits: int, block_size: int, dtype: torch.dtype = torch.float32,
+               block_offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """``(code - zero) * scale (+ offset)`` as a float ``[N, K]`` weight (padding dropped)."""
     N, nb = packed.shape[0], packed.shape[1]
     codes = unpack(packed, bits).float()  # [N, nb, block_size]
     if zero_points is None:
@@ -113,7 +157,18 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Te
     else:
         zero = unpack(zero_points, bits)[:, :nb].float()
     w = (codes - zero[..., None]) * scales.reshape(N, nb, 1).float()
+    if block_offsets is not None:
+        w = w + block_offsets.t().reshape(N, nb, 1).float()
     return w.reshape(N, nb * block_size)[:, :K].to(dtype)
+
+
+def block_sums(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x[..., K]`` zero-padded to whole blocks and summed per block: ``[..., n_blocks]``.
+    ``block_sums(x) @ offsets_bN`` is the float-minimum form's correction."""
+    K = x.shape[-1]
+    nb = blocks_of(K, block_size)
+    padded = torch.nn.functional.pad(x, (0, nb * block_size - K))
+    return padded.reshape(*x.shape[:-1], nb, block_size).sum(-1)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

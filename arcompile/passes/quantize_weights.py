@@ -1,5 +1,6 @@
 """Weight-only quantization by round-to-nearest: linears with constant weights become
-``arc.matmul_nbits`` (int4 group-wise or int8, symmetric or asymmetric; ``quant_math``).
+``arc.matmul_nbits`` (int4 group-wise or int8; symmetric, asymmetric with an integer zero
+point, or asymmetric with a float minimum per block as llama.cpp's Q4_1; ``quant_math``).
 
 Matches, after the fusions (so merged weights are quantized as the one matmul they run as):
 
@@ -11,12 +12,14 @@ Matches, after the fusions (so merged weights are quantized as the one matmul th
 - ``arc.gated_mlp(x, Wg, Wu, Wd)``: down(act(x @ Wg^T) * (x @ Wu^T)), gate and up quantized
   as one ``[2I, H]`` weight (one kernel call, as the float lowering does).
 
-Produces, per weight matrix, ``arc.matmul_nbits(x, packed, scales[, zero_points][, bias])``
-over new uint8/float constants (the float weights become dead; DCE removes them unless
+Produces, per weight matrix,
+``arc.matmul_nbits(x, packed, scales[, zero_points][, block_offsets][, bias])`` over new
+uint8/float constants (the float weights become dead; DCE removes them unless
 something else reads them, e.g. a tied embedding). ``split_linear`` becomes matmul_nbits and
 ``aten.split_with_sizes``; ``gated_mlp`` becomes matmul_nbits, split, ``aten.silu`` /
 ``aten.gelu``, ``aten.mul.Tensor`` and matmul_nbits. Every one of those counts once under the
-rule named for the format, e.g. ``int4_g32_sym`` or ``int8_g128_asym``.
+rule named for the format, e.g. ``int4_g32_sym``, ``int8_g128_asym`` or ``int4_g32_fmin``
+(``zero_point`` "none", "int" or "float"; ``symmetric=True`` is "none").
 
 Refuses (node left as it was, reason noted): a weight that is computed rather than a
 constant, not 2-D or not float32, an input that is not float32 or whose last dim is not K,
@@ -42,13 +45,22 @@ from arcompile.passes.quant_math import QuantizedWeight, check_format, quantize
 
 LINEARS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten.bmm")
 # Defaults from SmolLM2 (perplexity on 512 held tokens, fp32 12.79; decode ms/token at 2
-# threads, fp32 38): int4 g32 asymmetric 16.0 (sym 19.1; g64/g128 asym 18.5/18.4), 17 ms;
-# int8 g128 12.81 either way (g32 12.79), 21 ms. Asymmetric costs one byte per block.
+# threads on a busy machine, fp32 38): int4 g32 asymmetric 16.0 (sym 19.1; g64/g128 asym
+# 18.5/18.4), 17 ms; int8 g128 12.81 either way (g32 12.79), 21 ms. Asymmetric costs one byte
+# per block. int4's float minimum (zero_point "float") gives this Q4_1-born model back: g32
+# 12.79 at level 0, 12.80 at level 4 (g64 16.3-16.5, g128 20.0, the latter worse than the
+# integer zero point's 18.4 though its weight error is 9% smaller); decode on an idle machine
+# 8.5 ms against 7.5 for the integer zero point and 16.9 for fp32.
 DEFAULT_BLOCK_SIZE = {4: 32, 8: 128}
 # ORT's CPU kernel at accuracy_level 0 dequantizes 8-bit weights on every call (30-100x slower
 # than fp32 here); level 4 (int8 activations per block) is its fast path for both widths
 # (int4 g32: 17 ms/token against 24 at level 0; perplexity 19.25 against 19.11).
 DEFAULT_ACCURACY_LEVEL = 4
+# zero_point option -> the rule's suffix. "none": symmetric; "int": an integer zero point per
+# block (MatMulNBits' own); "float": a float minimum per block (llama.cpp's Q4_1), run as the
+# symmetric codes plus a float product of x's block sums (quant_math, ops_arc_quant).
+ZERO_POINTS = {"none": "sym", "int": "asym", "float": "fmin"}
+DEFAULT_ZERO_POINT = {4: "float", 8: "int"}
 
 
 @dataclass
@@ -67,7 +79,8 @@ class QuantizeWeights(Pass):
     tolerance = math.inf  # by design; gated by perplexity, not by max|Δlogit|
 
     def __init__(self, bits: int = 4, block_size: int | None = None, symmetric: bool = False,
-                 include_lm_head: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL):
+                 include_lm_head: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                 zero_point: str | None = None):
         if bits not in (4, 8):
             raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits}")
         self.bits = bits
@@ -76,18 +89,25 @@ class QuantizeWeights(Pass):
         if accuracy_level not in (0, 4):
             raise ValueError(f"quantize_weights: accuracy_level must be 0 or 4, got "
                              f"{accuracy_level}")
-        self.symmetric = symmetric
+        if symmetric and zero_point not in (None, "none"):
+            raise ValueError(f"quantize_weights: symmetric has no zero point, got "
+                             f"zero_point={zero_point!r}")
+        self.zero_point = "none" if symmetric else zero_point or DEFAULT_ZERO_POINT[bits]
+        if self.zero_point not in ZERO_POINTS:
+            raise ValueError(f"quantize_weights: zero_point must be one of {ZERO_POINTS}, got "
+                             f"{self.zero_point!r}")
+        self.symmetric = self.zero_point == "none"
         self.include_lm_head = include_lm_head
         self.accuracy_level = accuracy_level
 
     @property
     def rule(self) -> str:
-        return f"int{self.bits}_g{self.block_size}_{'sym' if self.symmetric else 'asym'}"
+        return f"int{self.bits}_g{self.block_size}_{ZERO_POINTS[self.zero_point]}"
 
     def settings(self) -> dict:
         return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "include_lm_head": self.include_lm_head, "accuracy_level": self.accuracy_level,
-                "method": "rtn"}
+                "zero_point": self.zero_point, "include_lm_head": self.include_lm_head,
+                "accuracy_level": self.accuracy_level, "method": "rtn"}
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
@@ -283,32 +303,36 @@ class QuantizeWeights(Pass):
         return Match().ok(count=2)
 
     # -- building ---------------------------------------------------------------------
-    def _constants(self, graph: Graph, node: Node, site: Site, done: dict) -> list[Value]:
-        """The packed weight, scales (and zero points) of ``site``, made once per run."""
+    def _constants(self, graph: Graph, node: Node, site: Site, done: dict) -> list:
+        """``[packed, scales, zero points or None, block offsets or None]`` of ``site``, made
+        once per run."""
         if site.key in done:
             return done[site.key]
         q: QuantizedWeight = quantize(site.weight_NK, self.bits, self.block_size,
-                                      self.symmetric)
+                                      self.symmetric, float_minimum=self.zero_point == "float")
         origin, base = f"{self.name}/{self.rule}", site.name
         values = [graph.add_constant(q.packed, name=f"{base}_q{self.bits}_NbB",
                                      module=node.module, origin=origin),
                   graph.add_constant(q.scales, name=f"{base}_scales_Nb", module=node.module,
                                      origin=origin)]
+        zero_points = offsets = None
         if q.zero_points is not None:
-            values.append(graph.add_constant(q.zero_points, name=f"{base}_zero_points_Nb",
-                                             module=node.module, origin=origin))
-        done[site.key] = values
-        return values
+            zero_points = graph.add_constant(q.zero_points, name=f"{base}_zero_points_Nb",
+                                             module=node.module, origin=origin)
+        if q.block_offsets is not None:
+            offsets = graph.add_constant(q.block_offsets, name=f"{base}_block_offsets_bN",
+                                         module=node.module, origin=origin)
+        done[site.key] = values + [zero_points, offsets]
+        return done[site.key]
 
     def _matmul_nbits(self, graph: Graph, node: Node, x: Value, site: Site,
                       bias: Value | None, shape: tuple, name: str, done: dict) -> Value:
         N, K = site.weight_NK.shape
-        inputs = self._constants(graph, node, site, done)
-        has_zero_points = len(inputs) == 3
-        if bias is not None:
-            inputs = inputs + [bias]
+        packed, scales, zero_points, offsets = self._constants(graph, node, site, done)
+        inputs = [v for v in (packed, scales, zero_points, offsets, bias) if v is not None]
         attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size,
-                 "has_zero_points": has_zero_points, "has_bias": bias is not None,
+                 "has_zero_points": zero_points is not None,
+                 "has_block_offsets": offsets is not None, "has_bias": bias is not None,
                  "accuracy_level": self.accuracy_level}
         return graph.add_node("arc.matmul_nbits", [x] + inputs, attrs,
                               [(x.dtype, shape)], module=node.module,

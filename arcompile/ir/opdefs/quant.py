@@ -1,10 +1,17 @@
 """Reference implementation of the weight-quantized linear ``arc.matmul_nbits``.
 
-``arc.matmul_nbits(x, packed_weight, scales[, zero_points][, bias], K, N, bits, block_size,
-has_zero_points, has_bias, accuracy_level)``::
+``arc.matmul_nbits(x, packed_weight, scales[, zero_points][, block_offsets][, bias], K, N, bits,
+block_size, has_zero_points, has_block_offsets, has_bias, accuracy_level)``::
 
     y[..., N] = x[..., K] @ dequant(W)^T (+ bias)
     dequant(W)[n, k] = (code[n, k] - zero[n, k // block_size]) * scale[n, k // block_size]
+                       (+ block_offsets[k // block_size, n])
+
+With ``has_block_offsets`` (the float-minimum form, llama.cpp's Q4_1: code * d + m per block)
+the offsets are applied as their own product, which is how the backend runs them::
+
+    y = x @ ((code - zero) * scale)^T + bias + block_sums(x) @ block_offsets
+    block_sums(x)[..., b] = sum of x[..., b * block_size : (b + 1) * block_size] (zero-padded)
 
 The weight is stored as ONNX Runtime's MatMulNBits stores it (``arcompile.passes.quant_math``):
 ``packed_weight`` uint8 ``[N, n_blocks, block_size * bits / 8]`` with
@@ -16,6 +23,7 @@ the codes; without them the zero point is ``2^(bits - 1)`` (symmetric). ``bias``
 ``4`` quantizes ``x`` to int8 per block of ``block_size`` along K (symmetric, max|x| / 127),
 which is how ORT's CPU kernel reaches integer speed. The reference does the same rounding
 (``quant_math.quantize_activations_int8``), so the interpreter and ORT agree at either level.
+The block-offset product reads ``x`` unrounded at either level (it is a float MatMul there).
 """
 
 from __future__ import annotations
@@ -29,18 +37,24 @@ ACCURACY_LEVELS = (0, 4)  # 0: float activations; 4: activations rounded to int8
 
 @register("arc.matmul_nbits")
 def matmul_nbits(x, packed_weight, scales, *rest, K: int, N: int, bits: int, block_size: int,
-                 has_zero_points: bool = False, has_bias: bool = False,
-                 accuracy_level: int = 0):
+                 has_zero_points: bool = False, has_block_offsets: bool = False,
+                 has_bias: bool = False, accuracy_level: int = 0):
     # imported here: arcompile.passes imports the whole pipeline, which must not run while
     # the op definitions are still loading
-    from arcompile.passes.quant_math import dequantize, quantize_activations_int8
+    from arcompile.passes.quant_math import block_sums, dequantize, quantize_activations_int8
 
     it = iter(rest)
     zero_points = next(it) if has_zero_points else None
+    offsets_bN = next(it) if has_block_offsets else None
     bias = next(it) if has_bias else None
     weight_NK = dequantize(packed_weight, scales, zero_points, K, bits, block_size, x.dtype)
     if accuracy_level == 4:
-        x = quantize_activations_int8(x, block_size)
-    elif accuracy_level != 0:
+        x_rounded = quantize_activations_int8(x, block_size)
+    elif accuracy_level == 0:
+        x_rounded = x
+    else:
         raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level}")
-    return torch.nn.functional.linear(x, weight_NK, bias)
+    y = torch.nn.functional.linear(x_rounded, weight_NK, bias)
+    if offsets_bN is not None:
+        y = y + block_sums(x, block_size) @ offsets_bN.to(x.dtype)
+    return y

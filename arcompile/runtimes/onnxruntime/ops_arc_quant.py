@@ -1,9 +1,10 @@
 """Lowering of the weight-quantized linear (arc.matmul_nbits, ``passes/quantize_weights.py``)
 to ONNX Runtime's com.microsoft MatMulNBits.
 
-    arc.matmul_nbits(x, packed, scales[, zero_points][, bias])
+    arc.matmul_nbits(x, packed, scales[, zero_points][, block_offsets][, bias])
         -> MatMulNBits(A=x, B=packed, scales, zero_points or "", g_idx "", bias)
            K, N, bits, block_size, accuracy_level as the IR op has them
+           (+ MatMul(block_sums(x), block_offsets) with block offsets, see below)
 
 The packed codes, scales and zero points are IR constants (uint8 / float tensors), written to
 the data file like every other weight. The IR stores them exactly as the kernel reads them.
@@ -27,6 +28,18 @@ optimizations off and on, against numpy):
   [576 -> 3072] int4 g64: 67 us at level 0, 22 us at level 4 (fp32 71 us); int8 g128:
   2,800 us at level 0 (the CPU kernel dequantizes per call), 26 us at level 4. LM head
   [576 -> 49152]: int4 g64 1.35 ms / 0.57 ms, int8 g128 123 ms / 0.96 ms (fp32 7.4 ms).
+
+Block offsets (the float-minimum form, Q4_1): float zero points would say it in one node but
+take the slow path above (1.5-3.4 ms against 11-106 us per call at int4 g32), so the codes run
+symmetric at MatMulNBits' fast path and the offsets as a float product of x's block sums:
+``Add(MatMulNBits(x, ...), MatMul(ReduceSum(Reshape(x, [..., n_blocks, B]), -1), offsets_bN))``
+with a ``Pad`` of x first when the blocks do not divide K. Measured on SmolLM2 (decode, 2
+threads, idle machine): int4 g32 8.5 ms/token against 7.4 symmetric and 7.5 with integer zero
+points (fp32 16.9), the extra ~1 ms about half the offsets' bytes (float [n_blocks, N], as big
+as the scales) and half three more small nodes per linear. Block sums as ``MatMul(x, ones_KB)``
+(a 0/1 [K, n_blocks] constant) were no faster in the engine and 0.4 ms slower over a chain of
+SmolLM2's 120 linears; block sums from extra rows of the MatMulNBits itself (codes of 1) the
+same as the Reshape/ReduceSum form, and they would round x at level 4.
 """
 
 from __future__ import annotations
@@ -42,13 +55,24 @@ def matmul_nbits(ctx: LowerContext, node: Node) -> str:
     x, packed, scales, *rest = node.inputs
     it = iter(rest)
     zero_points = next(it) if node.attrs.get("has_zero_points") else None
+    offsets_bN = next(it) if node.attrs.get("has_block_offsets") else None
     bias = next(it) if node.attrs.get("has_bias") else None
     inputs = [ctx.name(x), ctx.name(packed), ctx.name(scales)]
     if zero_points is not None or bias is not None:
         inputs.append(ctx.name(zero_points) if zero_points is not None else "")
     if bias is not None:
         inputs += ["", ctx.name(bias)]  # input 4 is the deprecated g_idx
-    return ctx.op("MatMulNBits", inputs, domain="com.microsoft", K=node.attrs["K"],
-                  N=node.attrs["N"], bits=node.attrs["bits"],
-                  block_size=node.attrs["block_size"],
-                  accuracy_level=node.attrs.get("accuracy_level", 0))
+    y = ctx.op("MatMulNBits", inputs, domain="com.microsoft", K=node.attrs["K"],
+               N=node.attrs["N"], bits=node.attrs["bits"], block_size=node.attrs["block_size"],
+               accuracy_level=node.attrs.get("accuracy_level", 0))
+    if offsets_bN is None:
+        return y
+    # + block_sums(x) @ offsets, in float from the unrounded x (quant_math.block_sums)
+    K, block_size, rank = node.attrs["K"], node.attrs["block_size"], len(x.shape)
+    nb = -(-K // block_size)
+    x_padded = ctx.name(x)
+    if nb * block_size != K:  # zeros up to whole blocks, on the last axis only
+        x_padded = ctx.op("Pad", [x_padded, ctx.i64([0] * (2 * rank - 1) + [nb * block_size - K])])
+    blocks = ctx.op("Reshape", [x_padded, ctx.i64([0] * (rank - 1) + [nb, block_size])])
+    sums = ctx.op("ReduceSum", [blocks, ctx.i64([-1])], keepdims=0)
+    return ctx.op("Add", [y, ctx.op("MatMul", [sums, ctx.name(offsets_bN)])])
