@@ -132,7 +132,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         extra["quantization"] = quantized
 
         def check_perplexity(folder: Path) -> None:  # ORT's perplexity against the IR's
-            quantization.check_engine(graph, folder, quantized)
+            quantization.check_engine(folder, quantized)
             say(f"  ONNX Runtime perplexity {quantized['perplexity_onnxruntime']:.3f} "
                 f"(IR: {quantized['perplexity']:.3f})")
             quantized.pop("_ids", None)
@@ -189,9 +189,9 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         manifest = write_manifest(tmp, {**entries, **(extra or {})})
-        if validate is not None:
+        if validate is not None:  # the files are as they were: only the entries change
             validate(tmp)
-            manifest = write_manifest(tmp, {**entries, **(extra or {})})
+            manifest = write_manifest(tmp, {**entries, **(extra or {})}, manifest["files"])
     return manifest, cache_layout, diff
 
 

@@ -110,7 +110,7 @@ def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float |
                      "_ids": ids}
 
 
-def check_engine(graph, folder: Path, info: dict) -> float:
+def check_engine(folder: Path, info: dict) -> float:
     """ONNX Runtime's perplexity against the interpreter's; returns the relative gap."""
     from arcompile.engine import Engine
     from arcompile.profile_measure import perplexity

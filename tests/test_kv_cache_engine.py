@@ -31,20 +31,10 @@ NAMES = ["gpt2", "llama", "gpt_neox", "opt", "nanogpt"]
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """name -> (eager module, cached engine (the defaults), uncached engine), built once."""
-    built: dict = {}
-
-    def get(name: str):
-        if name not in built:
-            folder = tmp_path_factory.mktemp(name)
-            module, source = tm.model_and_source(name, folder)
-            report = arcompile.optimize(source, folder / "cached", log=None)
-            assert report.kv_cache is not None and report.kv_cache_refused is None
-            assert report.kv_cache["runtime_cache"] == "inplace"
-            arcompile.optimize(source, folder / "plain", kv_cache=False, log=None)
-            built[name] = (module, arcompile.load(folder / "cached"),
-                           arcompile.load(folder / "plain"))
-        return built[name]
-    return get
+    def check(report):
+        assert report.kv_cache is not None and report.kv_cache_refused is None
+        assert report.kv_cache["runtime_cache"] == "inplace"
+    return tm.engine_pairs(tmp_path_factory, {}, {"kv_cache": False}, check)
 
 
 class CountSteps:

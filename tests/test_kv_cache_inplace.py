@@ -27,20 +27,11 @@ MAX = 64
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """name -> (eager module, in-place engine, concat engine), built once per name."""
-    built: dict = {}
-
-    def get(name: str):
-        if name not in built:
-            folder = tmp_path_factory.mktemp(name)
-            module, source = tm.model_and_source(name, folder)
-            report = arcompile.optimize(source, folder / "inplace", max_context=MAX, log=None)
-            assert report.kv_cache["runtime_cache"] == "inplace"
-            assert report.lowering_max_abs_diff <= 1e-4
-            arcompile.optimize(source, folder / "concat", kv_cache_runtime="concat", log=None)
-            built[name] = (module, arcompile.load(folder / "inplace"),
-                           arcompile.load(folder / "concat"))
-        return built[name]
-    return get
+    def check(report):
+        assert report.kv_cache["runtime_cache"] == "inplace"
+        assert report.lowering_max_abs_diff <= 1e-4
+    return tm.engine_pairs(tmp_path_factory, {"max_context": MAX},
+                           {"kv_cache_runtime": "concat"}, check)
 
 
 @pytest.mark.parametrize("name", NAMES)

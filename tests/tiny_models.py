@@ -75,6 +75,28 @@ def model_and_source(name: str, folder: Path) -> tuple[torch.nn.Module, object]:
     return module, module
 
 
+def engine_pairs(tmp_path_factory, first: dict, second: dict, check=None):
+    """A fixture's getter: name -> (eager module, engine built with ``first``'s optimize
+    options, engine built with ``second``'s), each model built once. ``check(report)`` sees
+    the first build's report."""
+    import arcompile
+
+    built: dict = {}
+
+    def get(name: str):
+        if name not in built:
+            folder = tmp_path_factory.mktemp(name)
+            module, source = model_and_source(name, folder)
+            report = arcompile.optimize(source, folder / "first", log=None, **first)
+            if check is not None:
+                check(report)
+            arcompile.optimize(source, folder / "second", log=None, **second)
+            built[name] = (module, arcompile.load(folder / "first"),
+                           arcompile.load(folder / "second"))
+        return built[name]
+    return get
+
+
 BUILDERS = {"gpt2": gpt2, "llama": llama, "gpt_neox": gpt_neox, "opt": opt, "nanogpt": nanogpt}
 
 

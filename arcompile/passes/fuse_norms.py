@@ -110,13 +110,21 @@ class FuseNorms(Pass):
 
 # -- traced norm ops ------------------------------------------------------------------------
 
-def match_aten_layer_norm(node: Node) -> Match:
-    # y = layer_norm(x, [H], weight, bias, eps)
-    m = Match()
+def _last_dim_only(node: Node) -> Match:
+    """The traced norm ops' common check: they normalize over the last dim alone."""
     x = node.arg("input")
     shape = list(node.arg("normalized_shape"))
     if len(shape) != 1 or shape[0] != x.shape[-1]:
-        return m.fail(f"normalizes over dims {shape}, not the last dim alone")
+        return Match().fail(f"normalizes over dims {shape}, not the last dim alone")
+    return Match().ok()
+
+
+def match_aten_layer_norm(node: Node) -> Match:
+    # y = layer_norm(x, [H], weight, bias, eps)
+    m = _last_dim_only(node)
+    if not m:
+        return m
+    x = node.arg("input")
     if any(node.graph.has_uses(v) for v in node.outputs[1:]):
         return m.fail("its mean / rstd outputs are used")
     return m.ok(x=x, weight=node.arg("weight"), bias=node.arg("bias"),
@@ -125,11 +133,10 @@ def match_aten_layer_norm(node: Node) -> Match:
 
 def match_aten_rms_norm(node: Node) -> Match:
     # y = rms_norm(x, [H], weight, eps)
-    m = Match()
+    m = _last_dim_only(node)
+    if not m:
+        return m
     x = node.arg("input")
-    shape = list(node.arg("normalized_shape"))
-    if len(shape) != 1 or shape[0] != x.shape[-1]:
-        return m.fail(f"normalizes over dims {shape}, not the last dim alone")
     eps = node.arg("eps")
     eps = torch.finfo(x.dtype).eps if eps is None else float(eps)
     return m.ok(x=x, weight=node.arg("weight"), eps=eps, out=node.output, nodes=[node])

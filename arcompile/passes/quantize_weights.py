@@ -140,6 +140,19 @@ class QuantizeWeights(Pass):
             return m.fail(f"its input %{x.name} {x.shape} does not end in K={K}")
         return m.ok()
 
+    def _site(self, x: Value, weight: Value, layout: str, bias: Value | None) -> Match:
+        """``Match(site=Site)`` for one linear: a quantizable weight, a float32 input ending
+        in K, a float32 bias if any."""
+        w = self._weight(weight, layout)
+        if not w:
+            return w
+        checked = self._check_input(x, w["site"].weight_NK.shape[1])
+        if not checked:
+            return checked
+        if bias is not None and bias.dtype != torch.float32:
+            return Match().fail(f"its bias %{bias.name} is {bias.dtype}, not float32")
+        return w
+
     @staticmethod
     def _weight(value: Value, layout: str) -> Match:
         """``Match(site=Site)`` when ``value`` is a float32 2-D constant (or a concatenation of
@@ -208,16 +221,10 @@ class QuantizeWeights(Pass):
         if not m:  # a matmul or bmm of two activations is no linear to report on
             return None if node.op in ("aten.matmul", "aten.bmm") else m
         x, weight, bias, layout = m["x"], m["weight"], m["bias"], m["layout"]
-        w = self._weight(weight, layout)
+        w = self._site(x, weight, layout, bias)
         if not w:
             return w
         site = w["site"]
-        N, K = site.weight_NK.shape
-        checked = self._check_input(x, K)
-        if not checked:
-            return checked
-        if bias is not None and bias.dtype != torch.float32:
-            return m.fail(f"its bias %{bias.name} is {bias.dtype}, not float32")
         if not self.include_lm_head and self._is_lm_head(graph, node, weight):
             return m.fail("it is the LM head, kept in float (include_lm_head=False)")
         out = node.outputs[0]
@@ -229,16 +236,11 @@ class QuantizeWeights(Pass):
     def _split_linear(self, graph: Graph, node: Node, done: dict) -> Match:
         # split(x @ W^T + b, sizes, -1), W the merged Q/K/V
         x, weight, *bias = node.inputs
-        w = self._weight(weight, node.attrs["weight_layout"])
+        w = self._site(x, weight, node.attrs["weight_layout"], bias[0] if bias else None)
         if not w:
             return w
         site = w["site"]
-        N, K = site.weight_NK.shape
-        checked = self._check_input(x, K)
-        if not checked:
-            return checked
-        if bias and bias[0].dtype != torch.float32:
-            return Match().fail(f"its bias %{bias[0].name} is {bias[0].dtype}, not float32")
+        N = site.weight_NK.shape[0]
         y = self._matmul_nbits(graph, node, x, site, bias[0] if bias else None,
                                tuple(x.shape[:-1]) + (N,), f"{node.outputs[0].name}_merged", done)
         pieces = self._split(graph, node, y, list(node.attrs["sizes"]),

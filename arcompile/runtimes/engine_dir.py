@@ -61,14 +61,16 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_manifest(engine_dir: Path, manifest: dict) -> dict:
-    """Add format version and file hashes to ``manifest`` and write it."""
+def write_manifest(engine_dir: Path, manifest: dict, files: dict | None = None) -> dict:
+    """Add format version and file hashes to ``manifest`` and write it. ``files``: the
+    hashes of an earlier write of this folder, when its files have not changed since."""
     engine_dir = Path(engine_dir)
-    files = {}
-    for p in sorted(engine_dir.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            rel = p.relative_to(engine_dir).as_posix()
-            files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    if files is None:
+        files = {}
+        for p in sorted(engine_dir.rglob("*")):
+            if p.is_file() and p.name != MANIFEST:
+                rel = p.relative_to(engine_dir).as_posix()
+                files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     full = {"format": "arcompile-engine", "format_version": FORMAT_VERSION, **manifest,
             "files": files}
     (engine_dir / MANIFEST).write_text(json.dumps(full, indent=2, default=str) + "\n")
