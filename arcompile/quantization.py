@@ -49,18 +49,10 @@ def held_ids(tokenizer: Any, vocab: int, count: int = HELD_TOKENS) -> tuple[list
 
 def graph_logits(graph, ids: list[int]) -> np.ndarray:
     """[T, V] logits of ``ids`` in the reference interpreter (a cached graph: empty cache)."""
+    from arcompile.calibration import graph_inputs
     from arcompile.ir.interpreter import run_graph
 
-    tokens = torch.tensor([ids])
-    if graph.meta.get("kv_cache"):
-        from arcompile.passes.insert_kv_cache import past_inputs, step_inputs
-
-        empty = [torch.zeros((1, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
-                 for v in past_inputs(graph)]
-        inputs = step_inputs(graph, tokens, torch.tensor(0), empty, torch.tensor(0))
-    else:
-        inputs = [tokens]
-    return run_graph(graph, inputs)[0][0].float().numpy()
+    return run_graph(graph, graph_inputs(graph, ids))[0][0].float().numpy()
 
 
 def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float | None,

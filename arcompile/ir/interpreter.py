@@ -10,7 +10,7 @@ Intermediate tensors are freed after their last use, so a whole model fits in me
 from __future__ import annotations
 
 import operator
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -30,8 +30,12 @@ _SYM_FUNCS = {
 _RESHAPES = {"aten.view", "aten._unsafe_view"}
 
 
-def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool = True) -> list[torch.Tensor]:
-    """Run ``graph`` on ``inputs`` (in graph-input order) and return its outputs."""
+def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool = True,
+              observe: Callable[[Node, list[Any]], None] | None = None) -> list[torch.Tensor]:
+    """Run ``graph`` on ``inputs`` (in graph-input order) and return its outputs.
+
+    ``observe(node, args)``, when given, sees every computed node's input values just before
+    the node runs (calibration reads the activations entering each linear this way)."""
     if len(inputs) != len(graph.inputs):
         raise VerifyError(f"graph '{graph.name}' takes {len(graph.inputs)} inputs, got {len(inputs)}")
     order = graph.nodes()
@@ -45,7 +49,10 @@ def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool =
             elif node.op == "arc.constant":
                 result = node.output.data
             else:
-                result = evaluate_node(node, [env[v] for v in node.inputs])
+                args = [env[v] for v in node.inputs]
+                if observe is not None:
+                    observe(node, args)
+                result = evaluate_node(node, args)
             results = result if len(node.outputs) > 1 else [result]
             for v, r in zip(node.outputs, results):
                 env[v] = r
