@@ -23,7 +23,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
                       kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
                       quantize=args.quantize, group_size=args.group_size,
-                      max_ppl_increase=args.max_ppl_increase)
+                      max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
+                      calibration_samples=args.calibration_samples)
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: the most perplexity may rise, e.g. 8%% or 0.08 "
                         "(default int8 1%%, int4 8%%); beyond it optimize fails with the "
                         "figures and writes nothing")
+    o.add_argument("--quant-method", default="rtn",
+                   help="with --quantize: rtn (round-to-nearest, default) or a calibrated "
+                        "method")
+    o.add_argument("--calibration-samples", type=int, default=None,
+                   help="with a calibrated --quant-method: sequences of 128 tokens of "
+                        "calibration text (pydoc_data, never the held-out text)")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")

@@ -67,7 +67,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              kv_cache: bool = True, kv_cache_runtime: str = "inplace",
              max_context: int | None = None, hooks: Sequence[Hook] = (),
              quantize: str | None = None, group_size: int | None = None,
-             max_ppl_increase: float | None = None, **options: Any) -> OptimizeReport:
+             max_ppl_increase: float | None = None, quant_method: str = "rtn",
+             calibration_samples: int | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -80,8 +81,9 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     model's ``max_position_embeddings``, else 2048. ``hooks``: more pass-manager hooks, run
     after every pass (``arcompile profile`` measures with one). ``quantize``: ``"int8"`` or
     ``"int4"`` weights (``group_size``: block size along K), held to ``max_ppl_increase``
-    (relative perplexity on held-out text; default int8 1%, int4 8%): see
-    ``arcompile/quantization.py``. Unknown options are an error.
+    (relative perplexity on held-out text; default int8 1%, int4 8%); ``quant_method``:
+    ``"rtn"`` (round-to-nearest) or a calibrated method, ``calibration_samples`` sequences of
+    calibration text for it: see ``arcompile/quantization.py``. Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
@@ -127,6 +129,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
 
         quant_records, quantized = quantization.quantize(
             graph, quantize, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
+            method=quant_method, calibration_samples=calibration_samples,
             max_tokens=int(loaded.config.get("max_position_embeddings") or 0) or None)
         records += quant_records
         extra["quantization"] = quantized

@@ -28,6 +28,7 @@ import torch
 from arcompile.errors import ArcompileError
 
 MODES = {"int8": 8, "int4": 4}
+METHODS = ("rtn",)  # round-to-nearest; calibrated methods add their names here
 DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08}
 # int8: blocks of 32, not the pass's 128: ORT's fast path (accuracy_level 4) rounds the
 # activations to int8 per block too, and on SmolLM2 blocks of 128 cost +1.2% perplexity
@@ -57,28 +58,32 @@ def graph_logits(graph, ids: list[int]) -> np.ndarray:
 
 def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float | None,
              tokenizer: Any, vocab: int, say: Callable[[str], None], hooks: Sequence = (),
+             method: str = "rtn", calibration_samples: int | None = None,
              max_tokens: int | None = None) -> tuple[list, dict]:
-    """Run quantize_weights + DCE on ``graph`` behind the gate; (records, manifest entry).
+    """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
     ``max_tokens``: the model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
-    from arcompile.passes.quantize_weights import QuantizeWeights
     from arcompile.profile_measure import perplexity
 
     if mode not in MODES:
         raise ArcompileError(f"--quantize {mode!r} is not available in this version "
-                             f"(available: {', '.join(MODES)}; w8a8 is planned)")
+                             f"(available: {', '.join(MODES)})")
+    if method not in METHODS:
+        raise ArcompileError(f"quantization method {method!r} is not one of "
+                             f"{', '.join(METHODS)}")
     limit = DEFAULT_MAX_PPL_INCREASE[mode] if max_ppl_increase is None else max_ppl_increase
     try:
-        quantizer = QuantizeWeights(bits=MODES[mode],
-                                    block_size=group_size or DEFAULT_GROUP_SIZE.get(mode))
+        passes = mode_passes(graph, mode, group_size, method, calibration_samples, tokenizer,
+                             vocab, say)
     except ValueError as e:
         raise ArcompileError(str(e)) from None
+    quantizer = passes[0]
     ids, text = held_ids(tokenizer, vocab, min(HELD_TOKENS, max_tokens or HELD_TOKENS))
     say(f"quantizing weights ({mode}), gated at +{limit:.1%} perplexity on {len(ids)} tokens "
         f"of {text}")
     before = graph_logits(graph, ids)
-    records = PassManager([quantizer, DeadCodeElimination()], [VerifyHook(), *hooks],
+    records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks],
                           log=say).run(graph)
     after = graph_logits(graph, ids)
     ppl_before, ppl_after = perplexity(before, ids), perplexity(after, ids)
@@ -100,6 +105,16 @@ def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float |
                      "perplexity": ppl_after, "perplexity_increase": increase,
                      "max_ppl_increase": limit, "greedy_agreement": agreement,
                      "_ids": ids}
+
+
+def mode_passes(graph, mode: str, group_size: int | None, method: str,
+                calibration_samples: int | None, tokenizer: Any, vocab: int,
+                say: Callable[[str], None]) -> list:
+    """The passes that quantize ``graph`` for ``mode`` / ``method``; the first one's
+    ``settings()`` go into the manifest. A ValueError says what setting is wrong."""
+    from arcompile.passes.quantize_weights import QuantizeWeights
+
+    return [QuantizeWeights(bits=MODES[mode], block_size=group_size or DEFAULT_GROUP_SIZE.get(mode))]
 
 
 def check_engine(folder: Path, info: dict) -> float:

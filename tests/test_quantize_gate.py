@@ -32,8 +32,11 @@ def test_int8_engine_records_the_gate_and_decodes(tmp_path):
 
 
 def test_unknown_mode_and_bad_group_size_are_clear_errors(tmp_path):
-    with pytest.raises(ArcompileError, match="w8a8 is planned"):
-        arcompile.optimize(tm.nanogpt(), tmp_path / "a", quantize="w8a8", log=None)
+    with pytest.raises(ArcompileError, match="int3.*available: int8, int4"):
+        arcompile.optimize(tm.nanogpt(), tmp_path / "a", quantize="int3", log=None)
+    with pytest.raises(ArcompileError, match="method 'magic'"):
+        arcompile.optimize(tm.nanogpt(), tmp_path / "a", quantize="int8", quant_method="magic",
+                           log=None)
     with pytest.raises(ArcompileError, match="48"):
         arcompile.optimize(tm.nanogpt(), tmp_path / "b", quantize="int4", group_size=48,
                            log=None)
