@@ -54,10 +54,13 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
             output_dir: str | Path | None = None, prompt_tokens: int = 128,
             decode_tokens: int = 128, agreement_tokens: int = 64, held_tokens: int = 512,
             repeats: int = 3, threads: int | None = None,
-            log: Callable[[str], None] | None = print) -> dict:
+            log: Callable[[str], None] | None = print, **quantization: Any) -> dict:
     """Profile ``model`` through ``passes``; returns the report (see ``profile_report``).
 
     ``output_dir``: keep the final engine there (default: a temporary folder).
+    ``quantization``: optimize's quantization options (``quantize="int4"``, ``group_size``,
+    ``quant_method``, ...); the quantizing passes then get rows of their own and the gate's
+    figures (perplexity, greedy agreement with the unquantized graph) go into the report.
     """
     from arcompile.compile import optimize, write_engine
     from arcompile.frontend.load import LoadedModel, load_model
@@ -68,7 +71,8 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
                     ("agreement_tokens", agreement_tokens), ("held_tokens", held_tokens)):
         if n < 2:
             raise ArcompileError(f"{name} must be at least 2, got {n}")
-    total_rows = len(build_pipeline(passes)) + 1 + (2 if kv_cache else 0)
+    total_rows = (len(build_pipeline(passes)) + 1 + (2 if kv_cache else 0)
+                  + (2 if quantization.get("quantize") else 0))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, log=say)
     say("computing the eager PyTorch reference")
     ref = _reference(loaded, prompt_tokens, agreement_tokens, held_tokens)
@@ -83,7 +87,7 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
         def measure(graph, name: str, record: PassRecord | None) -> dict:
             index = len(hook.rows) + 1
             when = "as" if record is None else "after"
-            say(f"[{index}/{total_rows}] measuring the engine {when} {name} "
+            say(f"[{index}/{max(index, total_rows)}] measuring the engine {when} {name} "
                 f"({len(graph)} nodes) ...")
             start = time.perf_counter()
             folder = work / f"{index:02d}-{name}"
@@ -104,17 +108,19 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
         hook = ProfileHook(measure)
         final = Path(output_dir) if output_dir else work / "final"
         report = optimize(loaded, final, passes=passes, kv_cache=kv_cache, hooks=[hook],
-                          log=say)
+                          log=say, **quantization)
     return {
         "model": loaded.config.get("name") or Path(str(loaded.source)).name,
         "source": str(loaded.source),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "settings": {"passes": passes, "kv_cache": kv_cache, "prompt_tokens": prompt_tokens,
+        "settings": {"passes": passes, "kv_cache": kv_cache, **quantization,
+                     "prompt_tokens": prompt_tokens,
                      "decode_tokens": decode_tokens, "agreement_tokens": agreement_tokens,
                      "held_tokens": held_tokens, "repeats": repeats, "threads": threads},
         "text": ref["text"],
         "reference": {"system": ref["system"], "perplexity": ref["perplexity"]},
         "kv_cache_refused": report.kv_cache_refused,
+        "quantization": report.quantization,
         "engine": str(output_dir) if output_dir else None,
         "rows": hook.rows,
         "machine": {"python": platform.python_version(), "torch": torch.__version__,

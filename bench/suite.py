@@ -6,7 +6,9 @@
         [--genai-int4-model DIR] [--llama-python PY]
 
 Systems (keys for ``--systems``): arcompile_default (the shipping engine: fusions and the
-in-place KV cache), arcompile_attention (the clean-up passes and fuse_attention, the least
+in-place KV cache), arcompile_int8 and arcompile_int4 (the same with ``--quantize int8`` /
+``int4`` at their defaults; each passes its perplexity gate while building, and the figures
+are in its note), arcompile_attention (the clean-up passes and fuse_attention, the least
 the KV cache accepts), arcompile_cleanup (the preset, no fusions; with the cache if optimize
 gives it one, else uncached, as it ships), arcompile_uncached (the default passes, no
 cache), transformers_cached and transformers_uncached (eager ``generate`` with and without
@@ -108,24 +110,31 @@ def importable(python: str, module: str) -> str | None:
 # -- arcompile and transformers, in this process ----------------------------------------------
 def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], bool],
                       ) -> list[System]:
-    # (key, label, passes, ask for the KV cache, a refusal fails the system, note)
+    # (key, label, precision, passes, ask for the KV cache, a refusal fails the system,
+    #  quantization options, note)
     variants = [
-        ("arcompile_default", "arcompile default (fused, KV cache)", "default", True, True,
-         "the shipping engine: every pass, in-place KV cache"),
-        ("arcompile_attention", "arcompile cleanup + fuse_attention (KV cache)",
-         PRESETS["cleanup"] + ["fuse_attention"], True, True,
+        ("arcompile_default", "arcompile default (fused, KV cache)", "fp32", "default", True,
+         True, {}, "the shipping engine: every pass, in-place KV cache"),
+        ("arcompile_int8", "arcompile default + --quantize int8", "int8 weights", "default",
+         True, True, {"quantize": "int8"},
+         "MatMulNBits 8-bit weights, the default settings of --quantize int8"),
+        ("arcompile_int4", "arcompile default + --quantize int4", "int4 weights", "default",
+         True, True, {"quantize": "int4"},
+         "MatMulNBits 4-bit weights, the default settings of --quantize int4"),
+        ("arcompile_attention", "arcompile cleanup + fuse_attention (KV cache)", "fp32",
+         PRESETS["cleanup"] + ["fuse_attention"], True, True, {},
          "the smallest pipeline the KV cache accepts: against default, what the other "
          "fusions (norms, rope, MLP, merged linears) buy per token"),
         # the preset as shipped: where optimize refuses it the cache (it needs fused
         # attention), it writes the uncached engine, and that is what is measured
-        ("arcompile_cleanup", "arcompile cleanup (no fusions)", "cleanup", True, False,
-         "clean-up passes only"),
-        ("arcompile_uncached", "arcompile default, no KV cache", "default", False, False,
-         "every pass, kv_cache=False: each token recomputes the whole prefix"),
+        ("arcompile_cleanup", "arcompile cleanup (no fusions)", "fp32", "cleanup", True, False,
+         {}, "clean-up passes only"),
+        ("arcompile_uncached", "arcompile default, no KV cache", "fp32", "default", False,
+         False, {}, "every pass, kv_cache=False: each token recomputes the whole prefix"),
     ]
     systems = []
-    for key, label, passes, cached, needs_cache, note in variants:
-        system = System(key, label, "fp32", uncached=not cached, note=note)
+    for key, label, precision, passes, cached, needs_cache, quant, note in variants:
+        system = System(key, label, precision, uncached=not cached, note=note)
         if not wanted(key):
             system.skip = "not run: left out by --systems"
             systems.append(system)
@@ -134,14 +143,21 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
         try:
             # the numerics checks are off because they only verify, and the engine they pass
             # is the same; the greedy-token comparison with eager checks every run instead
+            # (a quantized engine passes its own perplexity gate in optimize)
             report = arcompile.optimize(loaded, tmp / key, passes=passes, kv_cache=cached,
-                                        check_numerics=False, log=None)
+                                        check_numerics=False, log=None, **quant)
             if cached and report.kv_cache is None:
                 if needs_cache:
                     raise RuntimeError(f"the KV cache was refused: {report.kv_cache_refused}")
                 system.uncached = True
                 system.label += ", KV cache refused: uncached"
                 system.note += f"; optimize refused the cache: {report.kv_cache_refused}"
+            if report.quantization:
+                q = report.quantization
+                system.note += (f"; perplexity {q['perplexity_unquantized']:.3f} -> "
+                                f"{q['perplexity_onnxruntime']:.3f} (ONNX Runtime, "
+                                f"{q['perplexity_onnxruntime'] / q['perplexity_unquantized'] - 1:+.2%}"
+                                f"), greedy agreement {q['greedy_agreement']:.1%}")
             eng = arcompile.load(tmp / key, threads=threads)
         except Exception as e:  # noqa: BLE001 - recorded, and the suite goes on
             system.skip = f"failed: {type(e).__name__}: {e}"
