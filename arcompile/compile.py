@@ -200,15 +200,24 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
 
 def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_context: int,
                      hooks: Sequence[Hook] = ()) -> tuple[dict | None, str | None, list]:
-    """InsertKVCache then DCE, verified; (the pass's layout or None, refusal reason, records)."""
+    """InsertKVCache then DCE, verified; for the in-place runtime then PackAttention and DCE
+    (attention on the projections' [B, T, n*D] layout, one GroupQueryAttention per layer).
+    Each proves itself against the graph it got (the cached step's inputs are not the traced
+    graph's, so the pipeline's numeric check cannot). Returns (the layout or None, refusal
+    reason, records)."""
     from arcompile.passes.dce import DeadCodeElimination
     from arcompile.passes.insert_kv_cache import InsertKVCache
+    from arcompile.passes.pack_attention import PackAttention
 
     say("inserting the KV cache")
     records = PassManager([InsertKVCache(runtime_cache=runtime_cache, max_context=max_context),
                            DeadCodeElimination()], [VerifyHook(), *hooks], log=say).run(graph)
     layout = graph.meta.get("kv_cache")
     if layout is not None and records[0].counts.get("attention_cached"):
+        if runtime_cache == "inplace":
+            records += PassManager([PackAttention(), DeadCodeElimination()],
+                                   [VerifyHook(), *hooks], log=say).run(graph)
+            layout = graph.meta["kv_cache"]
         return dict(layout), None, records
     reason = "; ".join(records[0].notes) or "insert_kv_cache: refused (no reason given)"
     say(f"  KV cache not inserted, the engine is uncached: {reason}")

@@ -71,7 +71,7 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
                     ("agreement_tokens", agreement_tokens), ("held_tokens", held_tokens)):
         if n < 2:
             raise ArcompileError(f"{name} must be at least 2, got {n}")
-    total_rows = (len(build_pipeline(passes)) + 1 + (2 if kv_cache else 0)
+    total_rows = (len(build_pipeline(passes)) + 1 + (4 if kv_cache else 0)
                   + (2 if quantization.get("quantize") else 0))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, log=say)
     say("computing the eager PyTorch reference")

@@ -62,10 +62,14 @@ def test_engine_manifest_records_passes_source_and_tools(tmp_path):
     assert m["format_version"] == 1 and m["runtime"] == "onnxruntime-cpu"
     names = [p["name"] for p in m["passes"]]
     assert names[:3] == ["remove_noops", "constant_folding", "cse"]
-    assert names[-3:] == ["dce", "insert_kv_cache", "dce"]  # the cache after the pipeline
+    # the cache after the pipeline, then attention packed on the cached step
+    assert names[-5:] == ["dce", "insert_kv_cache", "dce", "pack_attention", "dce"]
     assert m["passes"][names.index("fuse_attention")]["counts"] == {"explicit": 2}
-    assert all(p["max_abs_diff"] <= 1e-4 for p in m["passes"][:-1])  # cache: its own proof
-    assert m["passes"][-1]["max_abs_diff"] is None  # DCE of the cached step: not compared
+    assert m["passes"][names.index("pack_attention")]["counts"] == {"packed": 2}
+    proven = m["passes"][:-4] + [m["passes"][-2]]  # the cache and the packing: own proofs
+    assert all(p["max_abs_diff"] <= 1e-4 for p in proven)
+    # DCE of the cached step: not compared
+    assert m["passes"][-3]["max_abs_diff"] is None and m["passes"][-1]["max_abs_diff"] is None
     assert all(p["max_abs_diff"] == 0.0 for p in m["passes"][:3])  # before any fusion: exact
     assert m["source"]["kind"] == "module"
     assert {"torch", "onnx", "onnxruntime", "arcompile"} <= set(m["tools"])

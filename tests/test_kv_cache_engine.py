@@ -90,7 +90,7 @@ def test_manifest_describes_the_cache(engines):
     assert outputs["present_value_1"] == ["B", 2, "P + T", 16]
     assert outputs["logits"] == ["B", "K", 512]  # K: the rows logits_to_keep asked for
     names = [p["name"] for p in cached.manifest["passes"]]
-    assert names[-2:] == ["insert_kv_cache", "dce"]
+    assert names[-4:] == ["insert_kv_cache", "dce", "pack_attention", "dce"]
     assert plain.manifest["kv_cache"] is None and "kv_cache_refused" not in plain.manifest
 
 

@@ -39,8 +39,8 @@ def test_a_row_before_the_first_pass_and_after_every_pass(run):
     report, _ = run
     names = [r["pass"] for r in report["rows"]]
     pipeline = [p.name for p in build_pipeline("default")]
-    assert names == ["traced", *pipeline, "insert_kv_cache", "dce"]
-    assert [r["kv_cache"] for r in report["rows"]] == [False] * (len(pipeline) + 1) + [True] * 2
+    assert names == ["traced", *pipeline, "insert_kv_cache", "dce", "pack_attention", "dce"]
+    assert [r["kv_cache"] for r in report["rows"]] == [False] * (len(pipeline) + 1) + [True] * 4
     for row in report["rows"]:
         for field in FIELDS:
             assert isinstance(row[field], (int, float)) and row[field] >= 0, (row["pass"], field)

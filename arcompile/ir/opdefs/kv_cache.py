@@ -11,6 +11,9 @@ past_value_BHkvPD) -> (out_BHqLD, present_key_BHkvSD, present_value_BHkvSD)``
 Attributes are those of ``arc.attention`` (made by ``passes/insert_kv_cache.py`` from it).
 The concatenation is the reference semantics only; a runtime may keep a preallocated buffer
 and write the new rows in place.
+
+``arc.attention_cached_packed`` (``passes/pack_attention.py``) is the same attention taken
+on the [B, L, n*D] projections, rotary folded in; see the comment above it below.
 """
 
 from __future__ import annotations
@@ -28,3 +31,55 @@ def attention_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     present_value = torch.cat((past_value, value), dim=2)
     out = attention(query, present_key, present_value, **attrs)
     return [out, present_key, present_value]
+
+
+# arc.attention_cached_packed: the same attention, on the [B, T, n*D] tensors the projections
+# produce (``passes/pack_attention.py``), rotary folded in:
+#
+#   inputs  packed:    (qkv_BTX, past_key, past_value[, past_length, cos_cache, sin_cache])
+#           separate:  (q_BTX, k_BTX, v_BTX, past_key, past_value[, ...the same])
+#           X = (H + 2 Hkv) * D packed in q, k, v order; the rotary inputs when rotary_dim > 0
+#   q, k, v = split(qkv, [H*D, Hkv*D, Hkv*D], -1)                         (packed)
+#   q_BHqTD = q.view(B, T, H, D).transpose(1, 2); k, v likewise with Hkv
+#   pos     = past_length + arange(T)                   # the new tokens' absolute positions
+#   cos     = cos_cache[pos] (T, rot/2), halves duplicated (rotate-half) or each repeated
+#             twice (interleaved); sin likewise
+#   q, k    = arc.rope(q, cos, sin; rotary_dim, interleaved)    (when rotary_dim > 0)
+#   out, present_key, present_value = arc.attention_cached(q, k, v, past_key, past_value)
+#   out_BTX = out.transpose(1, 2).reshape(B, T, H*D)
+@register("arc.attention_cached_packed")
+def attention_cached_packed(*inputs: torch.Tensor, num_heads: int, num_kv_heads: int,
+                            head_dim: int, packed: bool, rotary_dim: int = 0,
+                            rotary_interleaved: bool = False, **attrs) -> list[torch.Tensor]:
+    from arcompile.ir.opdefs.rope import rope
+
+    if packed:
+        qkv, *rest = inputs
+        q, k, v = torch.split(qkv, [num_heads * head_dim, num_kv_heads * head_dim,
+                                    num_kv_heads * head_dim], dim=-1)
+    else:
+        q, k, v, *rest = inputs
+    past_key, past_value, *rotary = rest
+    batch, length = q.shape[0], q.shape[1]
+
+    def heads(x: torch.Tensor, n: int) -> torch.Tensor:  # (B, T, n*D) -> (B, n, T, D)
+        return x.reshape(batch, length, n, head_dim).transpose(1, 2)
+
+    query, key, value = heads(q, num_heads), heads(k, num_kv_heads), heads(v, num_kv_heads)
+    if rotary_dim:
+        past_length, cos_cache, sin_cache = rotary
+        pos = past_length.reshape(()).to(torch.int64) + torch.arange(length)
+        cos, sin = (_rotary_rows(c[pos], rotary_interleaved) for c in (cos_cache, sin_cache))
+        query, key = (rope(x, cos.to(x.dtype), sin.to(x.dtype), rotary_dim=rotary_dim,
+                           interleaved=rotary_interleaved) for x in (query, key))
+    out, present_key, present_value = attention_cached(
+        query, key, value, past_key, past_value, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, **attrs)
+    return [out.transpose(1, 2).reshape(batch, length, num_heads * head_dim),
+            present_key, present_value]
+
+
+def _rotary_rows(half: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """(T, rot/2) cache rows -> (1, 1, T, rot), as the model multiplied them."""
+    full = half.repeat_interleave(2, dim=-1) if interleaved else torch.cat((half, half), dim=-1)
+    return full[None, None]

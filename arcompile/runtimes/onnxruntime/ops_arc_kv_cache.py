@@ -17,7 +17,20 @@
   (I/O binding), so ORT writes the L new rows at P..P+L-1 in place; the presents are those
   buffers. ``bench/probe_gqa_shared_buffer.py`` proves the mechanism.
 
-``ir/opdefs/kv_cache.py`` is the yardstick for both.
+``arc.attention_cached_packed`` (``passes/pack_attention.py``, in-place runtime only) is the
+same attention on the [B, L, n*D] tensors the projections produce, so it lowers to exactly one
+node, as ONNX Runtime GenAI's models run it::
+
+    out_BLX, present_key, present_value = GroupQueryAttention(
+        qkv, "", "", past_key, past_value, seqlens_k, total_sequence_length
+        [, cos_cache, sin_cache; do_rotary=1, rotary_interleaved])      (packed q|k|v)
+    ... GroupQueryAttention(q, k, v, past_key, ...)                     (separate)
+
+GroupQueryAttention's rotary rotates q and k at positions ``seqlens_k + 1 - L + i`` =
+``P + i``, the positions the pass proved the rope used. ORT 1.32's CPU kernel takes a partial
+rotary when ``cos_cache`` is [rows, rot/2] with rot/2 a multiple of 8 (the pass checks).
+
+``ir/opdefs/kv_cache.py`` is the yardstick for all of them.
 """
 
 from __future__ import annotations
@@ -81,3 +94,28 @@ def _lengths(ctx: LowerContext, past_length) -> tuple[str, str]:
     total = ctx.op("Reshape", [source, ctx.i64([])])
     last = ctx.op("Sub", [source, ctx.const([1], torch.int32)])
     return ctx.op("Expand", [last, ctx.shape_of(tokens, 0, 1)]), total
+
+
+@lowering("arc.attention_cached_packed")
+def arc_attention_cached_packed(ctx: LowerContext, node: Node) -> list[str]:
+    layout = ctx.graph.meta.get("kv_cache") or {}
+    if layout.get("runtime_cache") != "inplace":
+        raise UnsupportedOpError("arc.attention_cached_packed lowers to GroupQueryAttention "
+                                 "over in-place cache buffers only (runtime_cache 'inplace')")
+    a = node.attrs
+    if a["packed"]:  # q|k|v in one tensor: GQA's packed query, key and value left empty
+        qkv, past_key, past_value, *rotary = node.inputs
+        qkv_names = [ctx.name(qkv), "", ""]
+    else:
+        q, k, v, past_key, past_value, *rotary = node.inputs
+        qkv_names = [ctx.name(q), ctx.name(k), ctx.name(v)]
+    past_length = next(v for v in ctx.graph.inputs if v.name == layout["past_length"])
+    seqlens_k, total = ctx.once(("gqa_lengths",), lambda: _lengths(ctx, past_length))
+    inputs = [*qkv_names, ctx.name(past_key), ctx.name(past_value), seqlens_k, total]
+    attrs = {"num_heads": a["num_heads"], "kv_num_heads": a["num_kv_heads"],
+             "scale": float(a["scale"])}
+    if a.get("rotary_dim"):
+        _past_length, cos_cache, sin_cache = rotary  # positions: P + i, from seqlens_k
+        inputs += [ctx.name(cos_cache), ctx.name(sin_cache)]
+        attrs.update(do_rotary=1, rotary_interleaved=int(a["rotary_interleaved"]))
+    return ctx.op("GroupQueryAttention", inputs, outputs=3, domain="com.microsoft", **attrs)

@@ -5,14 +5,20 @@ Three forms, chosen per graph with ``graph.meta["onnxruntime.norm_lowering"]``:
 - ``"fused"`` (default):
       arc.rms_norm        -> SimplifiedLayerNormalization (ORT's contrib op, default domain)
       arc.layer_norm      -> LayerNormalization (opset 17)
-      arc.skip_*_norm     -> Add, then the same kernel; outputs (y, the Add)
+      arc.skip_rms_norm   -> com.microsoft SkipSimplifiedLayerNormalization when float32
+                             throughout with x and skip of one shape (outputs as below), else
+                             Add, then SimplifiedLayerNormalization
+      arc.skip_layer_norm -> Add, then LayerNormalization; outputs (y, the Add)
 - ``"skip_kernels"``: arc.skip_rms_norm -> com.microsoft SkipSimplifiedLayerNormalization and
   arc.skip_layer_norm -> com.microsoft SkipLayerNormalization, outputs (y, -, -, s): output 3
   is ``input_skip_bias_sum``, the residual sum the next block reads; mean and inv_std_var are
-  left unproduced. Not the default because, measured with ORT 1.32 on this CPU (2 threads,
-  [1, 128, 576], 30 chained norms), SkipSimplifiedLayerNormalization took 1.2-2.0 ms against
-  0.9-1.1 ms for Add + SimplifiedLayerNormalization, and SkipLayerNormalization 30-80 ms
-  against 1.0-1.5 ms for Add + LayerNormalization. CUDA's Skip kernels are another matter.
+  left unproduced. Measured with ORT 1.32 on this CPU (2 threads, 30 chained norms of width
+  576): SkipSimplifiedLayerNormalization costs the same as Add + SimplifiedLayerNormalization
+  for one token (36 us per 30) and ~40% more for 128 (1.5 against 1.1 ms), so the default
+  takes it for float32: a decode step runs one kernel fewer per residual norm, a prefill loses
+  well under a millisecond. SkipLayerNormalization took 30-80 ms against 1.0-1.5 ms for
+  Add + LayerNormalization ([1, 128, 576]), so only this form uses it. CUDA's Skip kernels
+  are another matter.
 - ``"plain"``: standard ONNX only (Mul, ReduceMean, Sqrt, Reciprocal; LayerNormalization is
   standard), for runtimes without ORT's contrib ops and to compare against.
 
@@ -63,7 +69,7 @@ def layer_norm(ctx: LowerContext, node: Node) -> str:
 def skip_rms_norm(ctx: LowerContext, node: Node) -> list[str]:
     x, skip, weight = node.inputs
     form = _form(ctx, node)
-    if form == "skip_kernels":
+    if form == "skip_kernels" or (form == "fused" and _one_skip_kernel(node)):
         return _skip_kernel(ctx, node, "SkipSimplifiedLayerNormalization")
     s = ctx.op("Add", [ctx.name(x), ctx.name(skip)])
     return [_plain_rms(ctx, node, s) if form == "plain" else _simplified(ctx, node, s), s]
@@ -76,6 +82,14 @@ def skip_layer_norm(ctx: LowerContext, node: Node) -> list[str]:
         return _skip_kernel(ctx, node, "SkipLayerNormalization")
     s = ctx.op("Add", [ctx.name(x), ctx.name(skip)])
     return [_layer_norm(ctx, node, s, params), s]
+
+
+def _one_skip_kernel(node: Node) -> bool:
+    """The fused form's SkipSimplifiedLayerNormalization: float32 throughout, the residual
+    and the block output of one shape (the kernel broadcasts no skip of another rank)."""
+    x, skip, weight = node.inputs
+    return (all(v.dtype == torch.float32 for v in node.inputs) and x.shape is not None
+            and tuple(x.shape) == tuple(skip.shape or ()))
 
 
 def _simplified(ctx: LowerContext, node: Node, x: str) -> str:
