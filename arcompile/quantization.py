@@ -6,7 +6,7 @@ then DCE), and is held to a perplexity bound instead:
 
 1. the graph's perplexity on held-out text (``heldtext.HELD``, 512 tokens; seeded random ids
    for a model without a tokenizer) in the reference interpreter, before and after;
-2. if it rose by more than ``max_ppl_increase`` (default per mode: int8 1%, int4 8%),
+2. if it rose by more than ``max_ppl_increase`` (default per mode: int8 1%, int4 8%, w8a8 3%),
    ``optimize`` stops with the figures and writes nothing;
 3. after lowering, ONNX Runtime's perplexity on the same tokens must match the interpreter's
    within ``LOWERING_PPL_RTOL`` (with ``accuracy_level=4`` ORT rounds activations to int8 and
@@ -15,6 +15,15 @@ then DCE), and is held to a perplexity bound instead:
 
 The figures (perplexities, increase, greedy agreement with the unquantized graph: the fraction
 of positions where both pick the same next token) go into the manifest and the report.
+
+int8 / int4 (``weight_only_passes``): ``QuantizeWeights`` with the mode's width and group
+size, a method (``DEFAULT_METHOD``: int4 GPTQ with MatMulNBits' integer zero point, int8
+round-to-nearest), and the LM head in its own width (``DEFAULT_LM_HEAD``; ``lm_head="fp32"``
+keeps it in float; the embedding lookup is never quantized). GPTQ calibrates on
+``calibration_samples`` sequences (default ``GPTQ_SAMPLES``) of ``heldtext.CALIBRATION``
+text, never the held-out text the gate measures; the log and the manifest's ``seconds`` say
+how long calibration and quantization took. The manifest's ``settings`` record the method,
+zero point, LM head format and calibration.
 """
 
 from __future__ import annotations
@@ -27,9 +36,40 @@ import torch
 
 from arcompile.errors import ArcompileError
 
-MODES = {"int8": 8, "int4": 4}
-METHODS = ("rtn",)  # round-to-nearest; calibrated methods add their names here
-DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08}
+MODES = {"int8": 8, "int4": 4, "w8a8": 8}  # w8a8: int8 activations too (static)
+# rtn: round-to-nearest; gptq: error-corrected on calibration text (passes/quant_gptq.py)
+METHODS = ("rtn", "gptq")
+# the method when none is asked for (int4: see INT4_ZERO_POINT; int8 round-to-nearest is
+# already within 0.1% on SmolLM2, nothing for a calibration to win)
+DEFAULT_METHOD = {"int8": "rtn", "int4": "gptq", "w8a8": "rtn"}
+# int4's zero point per method. SmolLM2 (from a Q4_1 GGUF), perplexity on the 512 held tokens
+# in the interpreter at accuracy level 4 (the gate's figure; fp32 12.786), LM head fp32, GPTQ
+# on 64 x 128 calibration tokens:
+#
+#   block   rtn, int zero   gptq, int zero   rtn, float min   gptq, float min
+#   32      16.06 (+25.6%)  12.84 (+0.4%)    12.72 (-0.5%)    12.72 (-0.5%)
+#   64      18.51 (+44.8%)  13.56 (+6.1%)    16.55 (+29.4%)   13.15 (+2.8%)
+#   128     18.35 (+43.5%)  13.48 (+5.4%)    20.32 (+58.9%)   13.65 (+6.8%)
+#   (symmetric, 32: rtn 19.24 (+50.5%), gptq 12.98 (+1.5%); float min g32 is exact on Q4_1
+#   weights, so GPTQ has nothing to correct there)
+#
+# rtn keeps the float minimum (exact here, but 4 more kernels per linear at run time: a
+# block-sum product, ops_arc_quant); gptq takes MatMulNBits' own integer zero point (one
+# kernel per linear) at +0.4%. Decode speed: see the README / bench figures.
+INT4_ZERO_POINT = {"rtn": "float", "gptq": "int"}
+# GPTQ's default calibration, sequences of 128 tokens: the second moment of a 1536-wide input
+# needs more than 16 x 128 tokens (SmolLM2 int4 g32, integer zero point: 16 sequences 13.24,
+# 64 sequences 12.84; calibration ~13 s per 16 sequences on an idle machine)
+GPTQ_SAMPLES = 64
+# the LM head (49152 x 576 on SmolLM2, the largest matmul of a decode step, ~40% of an int4
+# step's kernel time in fp32): its own width, or kept in float. SmolLM2, int4 g32 integer
+# zero point with GPTQ: head fp32 12.84, int8 12.85, int4 12.90; round-to-nearest's float
+# minimum: head fp32 12.72, int8 12.76, int4 13.40 (+4.8%). So int4 with GPTQ (its codes
+# are corrected too), int8 otherwise
+LM_HEADS = ("fp32", "int8", "int4")
+DEFAULT_LM_HEAD = {"int8": {"rtn": "int8", "gptq": "int8"},
+                   "int4": {"rtn": "int8", "gptq": "int4"}}
+DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}
 # int8: blocks of 32, not the pass's 128: ORT's fast path (accuracy_level 4) rounds the
 # activations to int8 per block too, and on SmolLM2 blocks of 128 cost +1.2% perplexity
 # against -0.1% (interpreter) / +0.2% (ORT) for 32
@@ -58,10 +98,13 @@ def graph_logits(graph, ids: list[int]) -> np.ndarray:
 
 def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float | None,
              tokenizer: Any, vocab: int, say: Callable[[str], None], hooks: Sequence = (),
-             method: str = "rtn", calibration_samples: int | None = None,
-             max_tokens: int | None = None) -> tuple[list, dict]:
+             method: str | None = None, calibration_samples: int | None = None,
+             max_tokens: int | None = None, lm_head: str | None = None
+             ) -> tuple[list, dict]:
     """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
-    ``max_tokens``: the model's context, when shorter than the held-out text."""
+    ``method``: None for the mode's default (``DEFAULT_METHOD``). ``lm_head``: "fp32",
+    "int8" or "int4", None for the mode's default (``DEFAULT_LM_HEAD``). ``max_tokens``: the
+    model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
     from arcompile.profile_measure import perplexity
@@ -69,31 +112,36 @@ def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float |
     if mode not in MODES:
         raise ArcompileError(f"--quantize {mode!r} is not available in this version "
                              f"(available: {', '.join(MODES)})")
+    method = method or DEFAULT_METHOD[mode]
     if method not in METHODS:
         raise ArcompileError(f"quantization method {method!r} is not one of "
                              f"{', '.join(METHODS)}")
     limit = DEFAULT_MAX_PPL_INCREASE[mode] if max_ppl_increase is None else max_ppl_increase
     try:
         passes = mode_passes(graph, mode, group_size, method, calibration_samples, tokenizer,
-                             vocab, say)
+                             vocab, say, lm_head=lm_head, max_tokens=max_tokens)
     except ValueError as e:
         raise ArcompileError(str(e)) from None
-    quantizer = passes[0]
+    quantizer = passes[-1]  # the mode's last pass quantizes (w8a8: smooth_quant runs first)
     ids, text = held_ids(tokenizer, vocab, min(HELD_TOKENS, max_tokens or HELD_TOKENS))
     say(f"quantizing weights ({mode}), gated at +{limit:.1%} perplexity on {len(ids)} tokens "
         f"of {text}")
     before = graph_logits(graph, ids)
     records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks],
                           log=say).run(graph)
+    timings = dict(getattr(quantizer, "timings", None) or {})  # seconds, weight-only modes
+    if "calibration" in timings:
+        say(f"  calibration {timings['calibration']:.1f} s, {quantizer.method} "
+            f"{timings['quantization']:.1f} s")
     after = graph_logits(graph, ids)
     ppl_before, ppl_after = perplexity(before, ids), perplexity(after, ids)
     increase = ppl_after / ppl_before - 1
     agreement = float(np.mean(before.argmax(-1) == after.argmax(-1)))
     say(f"  perplexity {ppl_before:.3f} -> {ppl_after:.3f} ({increase:+.2%}), greedy "
         f"agreement with the unquantized graph {agreement:.1%}")
-    if not records[0].counts:
+    if not records[len(passes) - 1].counts:
         raise ArcompileError(f"--quantize {mode}: no linear was quantized: "
-                             + "; ".join(records[0].notes[:3]))
+                             + "; ".join(records[len(passes) - 1].notes[:3]))
     if not increase <= limit:
         raise ArcompileError(
             f"--quantize {mode}: perplexity rose from {ppl_before:.3f} to {ppl_after:.3f} "
@@ -104,17 +152,93 @@ def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float |
                      "tokens": len(ids), "perplexity_unquantized": ppl_before,
                      "perplexity": ppl_after, "perplexity_increase": increase,
                      "max_ppl_increase": limit, "greedy_agreement": agreement,
-                     "_ids": ids}
+                     **({"seconds": timings} if timings else {}), "_ids": ids}
 
 
 def mode_passes(graph, mode: str, group_size: int | None, method: str,
                 calibration_samples: int | None, tokenizer: Any, vocab: int,
-                say: Callable[[str], None]) -> list:
-    """The passes that quantize ``graph`` for ``mode`` / ``method``; the first one's
-    ``settings()`` go into the manifest. A ValueError says what setting is wrong."""
+                say: Callable[[str], None], lm_head: str | None = None,
+                max_tokens: int | None = None) -> list:
+    """The passes that quantize ``graph`` for ``mode`` / ``method``; the last one (the
+    quantizer) has its ``settings()`` put into the manifest and must have quantized something.
+    A ValueError says what setting is wrong."""
+    if lm_head is not None and mode not in DEFAULT_LM_HEAD:
+        raise ValueError(f"--lm-head applies to --quantize {' or '.join(DEFAULT_LM_HEAD)}, "
+                         f"not {mode}")
+    if mode == "w8a8":
+        return w8a8_passes(group_size, method, calibration_samples, tokenizer, vocab, say,
+                           max_tokens)
+
+    return weight_only_passes(mode, group_size, method, calibration_samples, tokenizer, vocab,
+                              say, lm_head, max_tokens)
+
+
+def weight_only_passes(mode: str, group_size: int | None, method: str,
+                       calibration_samples: int | None, tokenizer: Any, vocab: int,
+                       say: Callable[[str], None], lm_head: str | None = None,
+                       max_tokens: int | None = None) -> list:
+    """``[QuantizeWeights]`` for int8 / int4: the mode's width, group size, zero point, LM
+    head, and for a calibrated method its calibration sequences (``GPTQ_SAMPLES`` of
+    ``calibration.DEFAULT_LENGTH`` tokens unless asked; shorter for a shorter context)."""
+    from arcompile import calibration
     from arcompile.passes.quantize_weights import QuantizeWeights
 
-    return [QuantizeWeights(bits=MODES[mode], block_size=group_size or DEFAULT_GROUP_SIZE.get(mode))]
+    bits = MODES[mode]
+    lm_head = lm_head or DEFAULT_LM_HEAD[mode][method]
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"--lm-head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
+    if calibration_samples is not None and method == "rtn":
+        raise ValueError("--calibration-samples applies to a calibrated --quant-method "
+                         f"({', '.join(m for m in METHODS if m != 'rtn')}), not rtn")
+    if calibration_samples is not None and calibration_samples < 1:
+        raise ValueError(f"--calibration-samples must be at least 1, got {calibration_samples}")
+    sequences, text = None, None
+    if method != "rtn":
+        sequences, text = calibration.calibration_ids(
+            tokenizer, vocab, calibration_samples or GPTQ_SAMPLES,
+            min(calibration.DEFAULT_LENGTH, max_tokens or calibration.DEFAULT_LENGTH))
+        say(f"calibrating {method} on {text}")
+    return [QuantizeWeights(
+        bits=bits, block_size=group_size or DEFAULT_GROUP_SIZE.get(mode),
+        zero_point=INT4_ZERO_POINT[method] if bits == 4 else None,
+        include_lm_head=lm_head != "fp32",
+        lm_head_bits=None if lm_head == "fp32" else int(lm_head.removeprefix("int")),
+        method=method, calibration=sequences, calibration_text=text)]
+
+
+# w8a8 (SmoothQuant, then static int8 activations and per-channel int8 weights), chosen on
+# SmolLM2's held text (fp32 12.786). alpha, 4 calibration sequences, outlier ratio 4: 0.5
+# +0.7%, 0.6 +1.3%, 0.75 +3.4%; ratio 8: 0.3 +3.3%, 0.4 +3.8%, 0.5 -0.3%, 0.6 +0.4%. With 16
+# sequences (the default) alpha 0.5 / ratio 4: +0.9%. Statistic, ratio: passes/quantize_w8a8.py
+W8A8_ALPHA = 0.5
+W8A8_STATISTIC = "max"
+W8A8_OUTLIER_RATIO = 4.0
+
+
+def w8a8_passes(group_size: int | None, method: str, calibration_samples: int | None,
+                tokenizer: Any, vocab: int, say: Callable[[str], None],
+                max_tokens: int | None = None) -> list:
+    """``[SmoothQuant, QuantizeW8A8]`` on ``calibration_samples`` sequences (default
+    ``calibration.DEFAULT_SAMPLES``) of ``calibration.DEFAULT_LENGTH`` tokens (shorter for a
+    shorter context) of calibration text. W8A8 is calibrated by construction: ``method`` must
+    be the default."""
+    from arcompile import calibration
+    from arcompile.passes.quantize_w8a8 import QuantizeW8A8
+    from arcompile.passes.smooth_quant import SmoothQuant
+
+    if group_size is not None:
+        raise ValueError("--quantize w8a8 scales weights per output channel and activations "
+                         "per tensor: --group-size does not apply")
+    if method != "rtn":
+        raise ValueError(f"--quantize w8a8 is SmoothQuant + static calibration; "
+                         f"--quant-method {method} does not apply")
+    sequences, text = calibration.calibration_ids(
+        tokenizer, vocab, calibration_samples or calibration.DEFAULT_SAMPLES,
+        min(calibration.DEFAULT_LENGTH, max_tokens or calibration.DEFAULT_LENGTH))
+    say(f"calibrating w8a8 on {text}")
+    return [SmoothQuant(sequences, W8A8_ALPHA, calibration_text=text),
+            QuantizeW8A8(sequences, W8A8_STATISTIC, calibration_text=text,
+                         outlier_ratio=W8A8_OUTLIER_RATIO)]
 
 
 def check_engine(folder: Path, info: dict) -> float:

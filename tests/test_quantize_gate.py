@@ -49,7 +49,89 @@ def test_smollm2_gate_trips_on_a_bad_setting_and_writes_nothing(tmp_path, capsys
 
     out = tmp_path / "q4"
     code = main(["optimize", str(find_smollm2_gguf()), "-o", str(out), "--quantize", "int4",
-                 "--group-size", "128", "--max-ppl-increase", "0.1%"])
+                 "--group-size", "128", "--max-ppl-increase", "0.1%", "--quant-method", "rtn"])
     err = capsys.readouterr().err
     assert code == 2 and "perplexity rose from 12.7" in err and "nothing was written" in err
     assert not out.exists()
+
+
+def test_int4_default_is_gptq_with_integer_zero_points_and_a_quantized_lm_head(tmp_path):
+    import onnx
+
+    from arcompile.quantization import DEFAULT_LM_HEAD, GPTQ_SAMPLES
+
+    logs: list[str] = []
+    report = arcompile.optimize(tm.llama(), tmp_path / "q4", quantize="int4", log=logs.append)
+    q = report.quantization
+    head = DEFAULT_LM_HEAD["int4"]["gptq"]
+    assert q["settings"] == {
+        "bits": 4, "block_size": 32, "symmetric": False, "zero_point": "int",
+        "include_lm_head": True, "lm_head": f"{head}_g32_asym", "accuracy_level": 4,
+        "method": "gptq", "calibration": {"samples": GPTQ_SAMPLES, "tokens": 128,
+                                          "text": "seeded random token ids (no tokenizer)"}}
+    assert set(q["seconds"]) == {"calibration", "quantization"}
+    assert any(line.startswith("  calibration ") and "gptq" in line for line in logs), logs
+    record = next(r for r in report.passes if r.name == "quantize_weights")
+    assert record.counts == {"int4_g32_asym": 8, f"lm_head_{head}_g32_asym": 1}
+    manifest = json.loads((tmp_path / "q4" / "arcompile.json").read_text())
+    assert manifest["quantization"]["settings"] == q["settings"]
+    # MatMulNBits' own zero points: no block-sum correction kernels; the head is one too
+    model = onnx.load(tmp_path / "q4" / "model.onnx", load_external_data=False)
+    kinds = [n.op_type for n in model.graph.node]
+    assert kinds.count("MatMulNBits") == 9 and "ReduceSum" not in kinds
+    assert "MatMul" not in kinds and "Gemm" not in kinds  # nothing left in fp32
+    eng = arcompile.load(tmp_path / "q4")
+    assert len(eng.generate([5, 17, 42, 8], max_new_tokens=4)) == 4
+
+
+@pytest.fixture(scope="module")
+def llama_archive(tmp_path_factory):
+    import torch
+
+    from arcompile.frontend.export import export_module
+
+    archive = tmp_path_factory.mktemp("quant_cli") / "llama.pt2"
+    torch.export.save(export_module(tm.llama(), vocab_size=tm.VOCAB), archive)
+    return archive
+
+
+def test_cli_quantization_flags_reach_the_manifest(tmp_path, capsys, llama_archive):
+    archive = llama_archive
+    out = tmp_path / "a"
+    assert main(["optimize", str(archive), "-o", str(out), "--quantize", "int4",
+                 "--lm-head", "fp32", "--quant-method", "rtn"]) == 0
+    settings = json.loads((out / "arcompile.json").read_text())["quantization"]["settings"]
+    assert settings["method"] == "rtn" and settings["zero_point"] == "float"
+    assert settings["lm_head"] == "float32" and not settings["include_lm_head"]
+    out = tmp_path / "b"
+    assert main(["optimize", str(archive), "-o", str(out), "--quantize", "int4",
+                 "--lm-head", "int8", "--calibration-samples", "2", "--group-size", "64"]) == 0
+    settings = json.loads((out / "arcompile.json").read_text())["quantization"]["settings"]
+    assert settings["method"] == "gptq" and settings["calibration"]["samples"] == 2
+    assert settings["lm_head"] == "int8_g64_asym" and settings["block_size"] == 64
+    assert "quantization: int4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--quant-method", "gptq"], "quant_method without quantize"),
+    (["--lm-head", "int4"], "lm_head without quantize"),
+    (["--calibration-samples", "8"], "calibration_samples without quantize"),
+    (["--quantize", "int4", "--calibration-samples", "0"], "at least 1, got 0"),
+    (["--quantize", "int4", "--quant-method", "rtn", "--calibration-samples", "4"],
+     "applies to a calibrated --quant-method"),
+    (["--quantize", "w8a8", "--lm-head", "int4"], "--lm-head applies to --quantize int8 or int4"),
+])
+def test_cli_quantization_flags_refuse_bad_values(tmp_path, capsys, llama_archive, argv,
+                                                   message):
+    out = tmp_path / "out"
+    assert main(["optimize", str(llama_archive), "-o", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_cli_quantization_flags_take_only_known_values(tmp_path, llama_archive):
+    for bad in (["--quantize", "int4", "--lm-head", "int2"],
+                ["--quantize", "int4", "--quant-method", "awq"]):
+        with pytest.raises(SystemExit):  # argparse's choices
+            main(["optimize", str(llama_archive), "-o", str(tmp_path / "out"), *bad])

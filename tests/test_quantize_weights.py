@@ -361,7 +361,7 @@ def test_quantize_float_minimum_is_lossless_on_q4_1_weights(tmp_path):
     g = cleanup(to_ir(model, TOKENS))
     result = apply_pass(g, QuantizeWeights(bits=4, block_size=32, zero_point="float",
                                            accuracy_level=0, include_lm_head=True))
-    assert result.counts == {"int4_g32_fmin": 2}
+    assert result.counts == {"int4_g32_fmin": 1, "lm_head_int4_g32_fmin": 1}
     want = model(X).detach().numpy()
     assert abs(run_onnx(g, tmp_path / "fmin", X) - want).max() <= 1e-4
     # the integer zero point on the same weights is off by far more
@@ -376,7 +376,8 @@ def test_quantize_lm_head_option_keeps_the_tied_embedding_exact(tmp_path):
     model, g = _fused(llama)  # tied: the embedding and the LM head read one tensor
     result = apply_pass(g, QuantizeWeights(bits=4, block_size=32, symmetric=True,
                                            include_lm_head=True, accuracy_level=0))
-    assert result.counts == {"int4_g32_sym": 9} and not result.notes
+    assert result.counts == {"int4_g32_sym": 8, "lm_head_int4_g32_sym": 1}
+    assert not result.notes
     assert "aten.linear" not in ops(g)
     head = g.outputs[0].producer
     assert head.op == "arc.matmul_nbits" and head.module == "model.lm_head"
@@ -394,6 +395,38 @@ def test_quantize_lm_head_option_keeps_the_tied_embedding_exact(tmp_path):
     inner.lm_head.weight = torch.nn.Parameter(quantize(w, 4, 32).dequantize())  # unties
     inner.model.embed_tokens.weight = torch.nn.Parameter(w)
     assert (ref - want(X).detach()).abs().max() <= 1e-4
+
+
+def test_quantize_lm_head_in_its_own_width(tmp_path):
+    _, g = _fused(llama)
+    p = QuantizeWeights(bits=4, block_size=32, zero_point="float", include_lm_head=True,
+                        lm_head_bits=8, accuracy_level=0)
+    result = apply_pass(g, p)
+    assert result.counts == {"int4_g32_fmin": 8, "lm_head_int8_g32_asym": 1}
+    head = g.outputs[0].producer
+    assert head.op == "arc.matmul_nbits" and head.origin == "quantize_weights/int8_g32_asym"
+    assert head.attrs == {"K": 64, "N": 512, "bits": 8, "block_size": 32,
+                          "has_zero_points": True, "has_block_offsets": False,
+                          "has_bias": False, "accuracy_level": 0}
+    x, packed, scales, zero_points = head.inputs
+    assert packed.shape == (512, 2, 32) and zero_points.shape == (512, 2)
+    assert p.settings()["lm_head"] == "int8_g32_asym"
+    body = [n for n in g.nodes() if n.op == "arc.matmul_nbits" and n is not head]
+    assert all(n.attrs["bits"] == 4 and n.attrs["has_block_offsets"] for n in body)
+    ref = run_graph(g, [X])[0]
+    assert abs(run_onnx(g, tmp_path, X) - ref.numpy()).max() <= 1e-4
+    for bad in (dict(lm_head_bits=8), dict(include_lm_head=True, lm_head_bits=2),
+                dict(lm_head_zero_point="int"),
+                dict(include_lm_head=True, lm_head_zero_point="fp16")):
+        with pytest.raises(ValueError, match="lm_head_"):
+            QuantizeWeights(**bad)
+    assert QuantizeWeights().settings()["lm_head"] == "float32"
+    # its own zero point in the same width: symmetric codes, an integer zero point's head
+    _, g = _fused(llama)
+    result = apply_pass(g, QuantizeWeights(bits=4, block_size=32, symmetric=True,
+                                           include_lm_head=True, lm_head_zero_point="int"))
+    assert result.counts == {"int4_g32_sym": 8, "lm_head_int4_g32_asym": 1}
+    assert g.outputs[0].producer.attrs["has_zero_points"]
 
 
 # -- negatives ------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
-"""Weight-only quantization by round-to-nearest: linears with constant weights become
-``arc.matmul_nbits`` (int4 group-wise or int8; symmetric, asymmetric with an integer zero
-point, or asymmetric with a float minimum per block as llama.cpp's Q4_1; ``quant_math``).
+"""Weight-only quantization: linears with constant weights become ``arc.matmul_nbits``
+(int4 group-wise or int8; symmetric, asymmetric with an integer zero point, or asymmetric with
+a float minimum per block as llama.cpp's Q4_1; ``quant_math``), by round-to-nearest
+(``method="rtn"``) or by GPTQ (``method="gptq"``, ``quant_gptq``: each weight's rounding
+errors corrected against ``E[x^T x]`` of what it multiplies, measured by running the
+``calibration`` token sequences through the unquantized graph in the reference interpreter
+before anything is rewritten; the down projection's input inside ``arc.gated_mlp`` is
+computed from its float gate and up weights). Both methods store the same format.
 
 Matches, after the fusions (so merged weights are quantized as the one matmul they run as):
 
@@ -19,28 +24,37 @@ something else reads them, e.g. a tied embedding). ``split_linear`` becomes matm
 ``aten.split_with_sizes``; ``gated_mlp`` becomes matmul_nbits, split, ``aten.silu`` /
 ``aten.gelu``, ``aten.mul.Tensor`` and matmul_nbits. Every one of those counts once under the
 rule named for the format, e.g. ``int4_g32_sym``, ``int8_g128_asym`` or ``int4_g32_fmin``
-(``zero_point`` "none", "int" or "float"; ``symmetric=True`` is "none").
+(``zero_point`` "none", "int" or "float"; ``symmetric=True`` is "none"); the LM head, with
+``include_lm_head``, under ``lm_head_`` + its format (same block size; ``lm_head_bits`` 4 or
+8 and ``lm_head_zero_point``, by default the others' zero point for the same width, else that
+width's default).
 
 Refuses (node left as it was, reason noted): a weight that is computed rather than a
 constant, not 2-D or not float32, an input that is not float32 or whose last dim is not K,
 and the LM head unless ``include_lm_head`` (the linear whose result is the logits, or whose
 weight an embedding also reads). The embedding table itself is never quantized (a gather).
 
-Numbers: changes the logits by design (|w - dequant(w)| <= scale / 2 per element), so the
-pass manager's max|Δlogit| check cannot hold it; its gate is perplexity on held text.
+Numbers: changes the logits by design (round-to-nearest: |w - dequant(w)| <= scale / 2 per
+element; GPTQ: every element on its block's grid, a smaller error on the calibration
+activations), so the pass manager's max|Δlogit| check cannot hold it; its gate is perplexity
+on held text. GPTQ is deterministic for the same sequences.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from arcompile.calibration import observe_inputs
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.match import TRANSPARENT, Match
 from arcompile.passes.merge_linears import as_linear
+from arcompile.passes.quant_gptq import SecondMoment, gptq
 from arcompile.passes.quant_math import QuantizedWeight, check_format, quantize
 
 LINEARS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten.bmm")
@@ -50,7 +64,8 @@ LINEARS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten.bmm")
 # per block. int4's float minimum (zero_point "float") gives this Q4_1-born model back: g32
 # 12.79 at level 0, 12.80 at level 4 (g64 16.3-16.5, g128 20.0, the latter worse than the
 # integer zero point's 18.4 though its weight error is 9% smaller); decode on an idle machine
-# 8.5 ms against 7.5 for the integer zero point and 16.9 for fp32.
+# 8.5 ms against 7.5 for the integer zero point and 16.9 for fp32. GPTQ takes the integer
+# zero point to 12.84 at g32 (quantization.py's table), so `--quantize int4` uses that.
 DEFAULT_BLOCK_SIZE = {4: 32, 8: 128}
 # ORT's CPU kernel at accuracy_level 0 dequantizes 8-bit weights on every call (30-100x slower
 # than fp32 here); level 4 (int8 activations per block) is its fast path for both widths
@@ -61,6 +76,20 @@ DEFAULT_ACCURACY_LEVEL = 4
 # symmetric codes plus a float product of x's block sums (quant_math, ops_arc_quant).
 ZERO_POINTS = {"none": "sym", "int": "asym", "float": "fmin"}
 DEFAULT_ZERO_POINT = {4: "float", 8: "int"}
+METHODS = ("rtn", "gptq")  # round-to-nearest; GPTQ on calibration text (quant_gptq)
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one weight is stored: bits, block size along K, zero point option."""
+
+    bits: int
+    block_size: int
+    zero_point: str  # "none", "int" or "float" (ZERO_POINTS)
+
+    @property
+    def rule(self) -> str:
+        return f"int{self.bits}_g{self.block_size}_{ZERO_POINTS[self.zero_point]}"
 
 
 @dataclass
@@ -70,6 +99,7 @@ class Site:
     weight_NK: torch.Tensor
     key: tuple  # identifies the source constants, so a shared weight is quantized once
     name: str  # the float weight's name, for the new constants' names
+    lm_head: bool = False
 
 
 class QuantizeWeights(Pass):
@@ -80,7 +110,10 @@ class QuantizeWeights(Pass):
 
     def __init__(self, bits: int = 4, block_size: int | None = None, symmetric: bool = False,
                  include_lm_head: bool = False, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
-                 zero_point: str | None = None):
+                 zero_point: str | None = None, lm_head_bits: int | None = None,
+                 lm_head_zero_point: str | None = None, method: str = "rtn",
+                 calibration: Sequence[Sequence[int]] | None = None,
+                 calibration_text: str | None = None):
         if bits not in (4, 8):
             raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits}")
         self.bits = bits
@@ -98,40 +131,120 @@ class QuantizeWeights(Pass):
                              f"{self.zero_point!r}")
         self.symmetric = self.zero_point == "none"
         self.include_lm_head = include_lm_head
+        if lm_head_bits not in (None, 4, 8):
+            raise ValueError(f"quantize_weights: lm_head_bits must be 4 or 8, got "
+                             f"{lm_head_bits}")
+        if (lm_head_bits is not None or lm_head_zero_point is not None) and not include_lm_head:
+            raise ValueError("quantize_weights: lm_head_bits / lm_head_zero_point need "
+                             "include_lm_head=True")
+        if lm_head_zero_point not in (None, *ZERO_POINTS):
+            raise ValueError(f"quantize_weights: lm_head_zero_point must be one of "
+                             f"{ZERO_POINTS}, got {lm_head_zero_point!r}")
+        self.lm_head_bits = lm_head_bits or bits
         self.accuracy_level = accuracy_level
+        if method not in METHODS:
+            raise ValueError(f"quantize_weights: method must be one of {METHODS}, got "
+                             f"{method!r}")
+        if method == "gptq" and not calibration:
+            raise ValueError("quantize_weights: method 'gptq' needs calibration sequences")
+        if method == "rtn" and calibration:
+            raise ValueError("quantize_weights: method 'rtn' takes no calibration sequences")
+        self.method = method
+        self.calibration = [list(ids) for ids in calibration or ()]
+        self.calibration_text = calibration_text
+        self.format = Format(bits, self.block_size, self.zero_point)
+        # the LM head: this format, or its own width and zero point (by default the others'
+        # for the same width, else that width's default)
+        self.lm_head_format = Format(self.lm_head_bits, self.block_size, lm_head_zero_point or (
+            self.zero_point if self.lm_head_bits == bits else
+            DEFAULT_ZERO_POINT[self.lm_head_bits]))
+        self.timings: dict[str, float] = {}  # seconds: "calibration", "quantization"
 
     @property
     def rule(self) -> str:
-        return f"int{self.bits}_g{self.block_size}_{ZERO_POINTS[self.zero_point]}"
+        return self.format.rule
 
     def settings(self) -> dict:
-        return {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
-                "zero_point": self.zero_point, "include_lm_head": self.include_lm_head,
-                "accuracy_level": self.accuracy_level, "method": "rtn"}
+        out = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
+               "zero_point": self.zero_point, "include_lm_head": self.include_lm_head,
+               "lm_head": (self.lm_head_format.rule if self.include_lm_head else "float32"),
+               "accuracy_level": self.accuracy_level, "method": self.method}
+        if self.method != "rtn":
+            out["calibration"] = {"samples": len(self.calibration),
+                                  "tokens": len(self.calibration[0]),
+                                  "text": self.calibration_text}
+        return out
+
+    def _format(self, site: Site) -> Format:
+        return self.lm_head_format if site.lm_head else self.format
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
+        self._moments: dict[tuple, SecondMoment] = {}
+        if self.method == "gptq":
+            start = time.perf_counter()
+            self._moments = {key: moment for key, (_, moment)
+                             in self.second_moments(graph).items()}
+            self.timings["calibration"] = time.perf_counter() - start
+        start = time.perf_counter()
         done: dict[tuple, list[Value]] = {}  # this run's quantized weights, by source
         for node in graph.nodes():
             if node not in graph:
                 continue
-            if node.op == "arc.gated_mlp":
-                m = self._gated_mlp(graph, node, done)
-            elif node.op == "arc.split_linear":
-                m = self._split_linear(graph, node, done)
-            elif node.op in LINEARS:
-                m = self._linear(graph, node, done)
-            else:
-                continue
+            m = self._match(graph, node)
             if m is None:
                 continue
-            if m:
-                result.bump(self.rule, m["count"])
-            else:
+            if not m:
                 result.note(f"kept {node.op} at {node.module or '<top>'} in float: {m.reason}")
+                continue
+            if node.op == "arc.gated_mlp":
+                self._rewrite_gated_mlp(graph, node, m, done)
+            elif node.op == "arc.split_linear":
+                self._rewrite_split_linear(graph, node, m, done)
+            else:
+                self._rewrite_linear(graph, node, m, done)
+            site = m["sites"][0][0]
+            rule = ("lm_head_" if site.lm_head else "") + self._format(site).rule
+            result.bump(rule, 2 if node.op == "arc.gated_mlp" else 1)
+        self.timings["quantization"] = time.perf_counter() - start
+        self._moments = {}
         return result
 
+    # -- calibration ------------------------------------------------------------------
+    def second_moments(self, graph: Graph) -> dict[tuple, tuple[Site, SecondMoment]]:
+        """Per weight this pass would quantize (by its key): the Site and ``E[x^T x]`` of
+        what it multiplies, over the calibration sequences run in the reference interpreter
+        on ``graph`` as it stands (unquantized: every layer sees the float model's inputs)."""
+        matched = {}
+        for node in graph.nodes():
+            m = self._match(graph, node)
+            if m:
+                matched[node] = m["sites"]
+        moments: dict[tuple, tuple[Site, SecondMoment]] = {}
+
+        def visit(node: Node, args: list) -> None:
+            for site, features in matched[node]:
+                x = features(args)
+                if site.key not in moments:
+                    moments[site.key] = (site, SecondMoment(x.shape[-1]))
+                moments[site.key][1].add(x)
+
+        observe_inputs(graph, self.calibration, matched, visit)
+        return moments
+
     # -- matching ---------------------------------------------------------------------
+    def _match(self, graph: Graph, node: Node) -> Match | None:
+        """``Match(sites=[(Site, features)], ...)`` for a quantizable node, a failed Match
+        (with the reason) for a linear kept in float, None for anything else. ``features``
+        maps the node's input values to the activations the site's weight multiplies."""
+        if node.op == "arc.gated_mlp":
+            return self._match_gated_mlp(node)
+        if node.op == "arc.split_linear":
+            return self._match_split_linear(node)
+        if node.op in LINEARS:
+            return self._match_linear(graph, node)
+        return None
+
     def _check_input(self, x: Value, K: int) -> Match:
         m = Match()
         if x.dtype != torch.float32:
@@ -186,7 +299,12 @@ class QuantizeWeights(Pass):
             out = uses[0][0].outputs[0]
         return True
 
-    # -- the three forms --------------------------------------------------------------
+    @staticmethod
+    def _input_of(node: Node, x: Value):
+        """``features`` for a node that multiplies its input ``x`` as it is."""
+        index = next(i for i, v in enumerate(node.inputs) if v is x)
+        return lambda args: args[index]
+
     @staticmethod
     def _as_linear(node: Node) -> Match:
         """``Match(x, weight, bias, layout)`` for the traced forms of y = x @ W^T + b."""
@@ -215,43 +333,32 @@ class QuantizeWeights(Pass):
             return m.fail(f"{node.op}: the right operand is not a 2-D tensor")
         return m.ok(x=x, weight=weight, bias=None, layout="in_out")
 
-    def _linear(self, graph: Graph, node: Node, done: dict) -> Match | None:
-        # y = x @ W^T + b  (aten.linear: W [N, K]; mm/addmm/matmul/bmm: W [K, N])
+    # y = x @ W^T + b  (aten.linear: W [N, K]; mm/addmm/matmul/bmm: W [K, N])
+    def _match_linear(self, graph: Graph, node: Node) -> Match | None:
         m = self._as_linear(node)
         if not m:  # a matmul or bmm of two activations is no linear to report on
             return None if node.op in ("aten.matmul", "aten.bmm") else m
-        x, weight, bias, layout = m["x"], m["weight"], m["bias"], m["layout"]
-        w = self._site(x, weight, layout, bias)
+        w = self._site(m["x"], m["weight"], m["layout"], m["bias"])
         if not w:
             return w
         site = w["site"]
-        if not self.include_lm_head and self._is_lm_head(graph, node, weight):
-            return m.fail("it is the LM head, kept in float (include_lm_head=False)")
-        out = node.outputs[0]
-        y = self._matmul_nbits(graph, node, x, site, bias, out.shape, out.name, done)
-        out.replace_all_uses_with(y)
-        graph.remove_node(node)
-        return m.ok(count=1)
+        if self._is_lm_head(graph, node, m["weight"]):
+            if not self.include_lm_head:
+                return m.fail("it is the LM head, kept in float (include_lm_head=False)")
+            site.lm_head = True
+        return m.ok(sites=[(site, self._input_of(node, m["x"]))])
 
-    def _split_linear(self, graph: Graph, node: Node, done: dict) -> Match:
-        # split(x @ W^T + b, sizes, -1), W the merged Q/K/V
+    # split(x @ W^T + b, sizes, -1), W the merged Q/K/V
+    def _match_split_linear(self, node: Node) -> Match:
         x, weight, *bias = node.inputs
         w = self._site(x, weight, node.attrs["weight_layout"], bias[0] if bias else None)
         if not w:
             return w
-        site = w["site"]
-        N = site.weight_NK.shape[0]
-        y = self._matmul_nbits(graph, node, x, site, bias[0] if bias else None,
-                               tuple(x.shape[:-1]) + (N,), f"{node.outputs[0].name}_merged", done)
-        pieces = self._split(graph, node, y, list(node.attrs["sizes"]),
-                             [v.name for v in node.outputs])
-        for old, new in zip(node.outputs, pieces):
-            old.replace_all_uses_with(new)
-        graph.remove_node(node)
-        return Match().ok(count=1)
+        return w.ok(x=x, bias=bias[0] if bias else None,
+                    sites=[(w["site"], self._input_of(node, x))])
 
-    def _gated_mlp(self, graph: Graph, node: Node, done: dict) -> Match:
-        # down(act(x @ Wg^T + bg) * (x @ Wu^T + bu)) + bd, with [Wg; Wu] as one weight
+    # down(act(x @ Wg^T + bg) * (x @ Wu^T + bu)) + bd, with [Wg; Wu] as one weight
+    def _match_gated_mlp(self, node: Node) -> Match:
         x, w_gate, w_up, w_down, *rest = node.inputs
         layout = node.attrs["weight_layout"]
         has_bias = list(node.attrs.get("has_bias", (False, False, False)))
@@ -271,9 +378,44 @@ class QuantizeWeights(Pass):
         biases = [b for b in (b_gate, b_up, b_down) if b is not None]
         if any(not b.is_constant or b.dtype != torch.float32 for b in biases):
             return Match().fail("a bias is computed or not float32")
-        origin, module = f"{self.name}/{self.rule}", node.module
         gate_up = Site(torch.cat([wg.weight_NK, wu.weight_NK], 0), ("gate_up", wg.key, wu.key),
                        f"{wg.name}_up")
+        activation = node.attrs["activation"]
+        bias_gu = [None if b is None else b.data for b in (b_gate, b_up)]
+
+        def hidden(args: list) -> torch.Tensor:  # what the down projection multiplies
+            xs = args[0]
+            g = torch.nn.functional.linear(xs, wg.weight_NK, bias_gu[0])
+            u = torch.nn.functional.linear(xs, wu.weight_NK, bias_gu[1])
+            return _ACTIVATIONS[activation](g) * u
+
+        return Match().ok(x=x, gate_up=gate_up, down=down["site"], inner=inner,
+                          biases=(b_gate, b_up, b_down), activation=activation,
+                          sites=[(gate_up, lambda args: args[0]), (down["site"], hidden)])
+
+    # -- rewriting --------------------------------------------------------------------
+    def _rewrite_linear(self, graph: Graph, node: Node, m: Match, done: dict) -> None:
+        out = node.outputs[0]
+        y = self._matmul_nbits(graph, node, m["x"], m["sites"][0][0], m["bias"], out.shape,
+                               out.name, done)
+        out.replace_all_uses_with(y)
+        graph.remove_node(node)
+
+    def _rewrite_split_linear(self, graph: Graph, node: Node, m: Match, done: dict) -> None:
+        x, site = m["x"], m["sites"][0][0]
+        N = site.weight_NK.shape[0]
+        y = self._matmul_nbits(graph, node, x, site, m["bias"], tuple(x.shape[:-1]) + (N,),
+                               f"{node.outputs[0].name}_merged", done)
+        pieces = self._split(graph, node, y, list(node.attrs["sizes"]),
+                             [v.name for v in node.outputs])
+        for old, new in zip(node.outputs, pieces):
+            old.replace_all_uses_with(new)
+        graph.remove_node(node)
+
+    def _rewrite_gated_mlp(self, graph: Graph, node: Node, m: Match, done: dict) -> None:
+        x, inner, activation = m["x"], m["inner"], m["activation"]
+        b_gate, b_up, b_down = m["biases"]
+        origin, module = f"{self.name}/{self.rule}", node.module
         b_gate_up = None
         if b_gate is not None or b_up is not None:
             zeros = torch.zeros(inner)
@@ -283,10 +425,9 @@ class QuantizeWeights(Pass):
                 name=f"{node.output.name}_gate_up_bias", module=module, origin=origin)
         lead = tuple(x.shape[:-1])
         base = node.output.name
-        gu = self._matmul_nbits(graph, node, x, gate_up, b_gate_up, lead + (2 * inner,),
+        gu = self._matmul_nbits(graph, node, x, m["gate_up"], b_gate_up, lead + (2 * inner,),
                                 f"{base}_gate_up", done)
         g, u = self._split(graph, node, gu, [inner, inner], [f"{base}_gate", f"{base}_up"])
-        activation = node.attrs["activation"]
         if activation == "silu":
             act = graph.add_op("aten.silu", {"self": g}, [(g.dtype, g.shape)], module=module,
                                origin=origin, names=[f"{base}_act"]).output
@@ -298,22 +439,30 @@ class QuantizeWeights(Pass):
         hidden = graph.add_op("aten.mul.Tensor", {"self": act, "other": u}, [(g.dtype, g.shape)],
                               module=module, origin=origin, names=[f"{base}_hidden"]).output
         out = node.output
-        y = self._matmul_nbits(graph, node, hidden, down["site"], b_down, out.shape,
+        y = self._matmul_nbits(graph, node, hidden, m["down"], b_down, out.shape,
                                f"{base}_down", done)
         out.replace_all_uses_with(y)
         graph.remove_node(node)
-        return Match().ok(count=2)
 
     # -- building ---------------------------------------------------------------------
+    def _quantized(self, site: Site) -> QuantizedWeight:
+        """``site``'s weight in its format, by this pass's method."""
+        f = self._format(site)
+        moment = self._moments.pop(site.key, None)  # [K, K] float64 each: free as we go
+        # (no moment: its linear never ran on the calibration text; round-to-nearest then)
+        if self.method == "gptq" and moment is not None:
+            return gptq(site.weight_NK, moment.hessian, f.bits, f.block_size, f.zero_point)
+        return quantize(site.weight_NK, f.bits, f.block_size, f.zero_point == "none",
+                        float_minimum=f.zero_point == "float")
+
     def _constants(self, graph: Graph, node: Node, site: Site, done: dict) -> list:
         """``[packed, scales, zero points or None, block offsets or None]`` of ``site``, made
         once per run."""
         if site.key in done:
             return done[site.key]
-        q: QuantizedWeight = quantize(site.weight_NK, self.bits, self.block_size,
-                                      self.symmetric, float_minimum=self.zero_point == "float")
-        origin, base = f"{self.name}/{self.rule}", site.name
-        values = [graph.add_constant(q.packed, name=f"{base}_q{self.bits}_NbB",
+        q = self._quantized(site)
+        origin, base = f"{self.name}/{self._format(site).rule}", site.name
+        values = [graph.add_constant(q.packed, name=f"{base}_q{q.bits}_NbB",
                                      module=node.module, origin=origin),
                   graph.add_constant(q.scales, name=f"{base}_scales_Nb", module=node.module,
                                      origin=origin)]
@@ -330,15 +479,16 @@ class QuantizeWeights(Pass):
     def _matmul_nbits(self, graph: Graph, node: Node, x: Value, site: Site,
                       bias: Value | None, shape: tuple, name: str, done: dict) -> Value:
         N, K = site.weight_NK.shape
+        f = self._format(site)
         packed, scales, zero_points, offsets = self._constants(graph, node, site, done)
         inputs = [v for v in (packed, scales, zero_points, offsets, bias) if v is not None]
-        attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size,
+        attrs = {"K": K, "N": N, "bits": f.bits, "block_size": f.block_size,
                  "has_zero_points": zero_points is not None,
                  "has_block_offsets": offsets is not None, "has_bias": bias is not None,
                  "accuracy_level": self.accuracy_level}
         return graph.add_node("arc.matmul_nbits", [x] + inputs, attrs,
                               [(x.dtype, shape)], module=node.module,
-                              origin=f"{self.name}/{self.rule}", names=[name]).output
+                              origin=f"{self.name}/{f.rule}", names=[name]).output
 
     def _split(self, graph: Graph, node: Node, y: Value, sizes: list[int],
                names: list[str]) -> list[Value]:
@@ -348,3 +498,7 @@ class QuantizeWeights(Pass):
                                  [(y.dtype, lead + (s,)) for s in sizes], module=node.module,
                                  origin=f"{self.name}/{self.rule}",
                                  names=[f"{n}_q" for n in names]).outputs)
+
+
+_ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+                "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
