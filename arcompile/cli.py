@@ -24,7 +24,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
                       quantize=args.quantize, group_size=args.group_size,
                       max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
-                      calibration_samples=args.calibration_samples)
+                      calibration_samples=args.calibration_samples, lm_head=args.lm_head,
+                      skip=args.skip)
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -35,9 +36,19 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"kv cache: not inserted, engine is uncached: {report.kv_cache_refused}")
     if report.quantization is not None:
         q = report.quantization
-        print(f"quantization: {q['mode']}, perplexity {q['perplexity_unquantized']:.3f} -> "
-              f"{q['perplexity']:.3f} ({q['perplexity_increase']:+.2%}), greedy agreement "
-              f"{q['greedy_agreement']:.1%}")
+        s = q.get("settings", {})
+        detail = (f" ({s['method']}, group {s['block_size']}, LM head {s['lm_head']})"
+                  if "lm_head" in s else "")
+        print(f"quantization: {q['mode']}{detail}, perplexity "
+              f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
+              f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
+    if report.manifest.get("skip_ffn"):
+        s = report.manifest["skip_ffn"]
+        ppl = s.get("perplexity") or {}
+        print(f"layer skip: {len(s['blocks'])} feed-forward blocks routed, {len(s['chosen'])} "
+              f"skipped at --skip {s['budget']:g}"
+              + (f", perplexity {ppl['full']:.3f} -> {ppl['skipped']:.3f} "
+                 f"({ppl['increase']:+.1%})" if ppl else ""))
     print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
           f"{report.seconds:.1f} s)")
     return 0
@@ -75,7 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     text_mode = args.prompt is not None
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-              eos_token_id=eos)
+              eos_token_id=eos, skip=args.skip if args.skip is not None else False,
+              speculative=args.speculative, draft_tokens=args.draft_tokens, draft=args.draft)
     if args.stream:
         new: list[int] = []
         shown = ""
@@ -90,15 +102,33 @@ def cmd_run(args: argparse.Namespace) -> int:
             else:
                 print(step[0], end=",", flush=True)
         print()
+        _report_speculation(eng)
         return 0
     new = eng.generate(ids, **kw)
     print(eng.decode(new) if text_mode else ",".join(str(t) for t in new))
+    _report_speculation(eng)
     return 0
+
+
+def _report_speculation(eng) -> None:
+    s = eng.speculation
+    if s is not None:
+        _log(f"speculative ({s['mode']}): {s['accepted']} of {s['drafted']} drafts accepted "
+             f"({s['acceptance_rate']:.0%}), {s['tokens_per_round']:.2f} tokens per "
+             f"verifying step")
+
+
+def _skip_fraction(text: str) -> float:
+    value = _fraction(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) of the feed-forward blocks, "
+                                         f"got {text!r}")
+    return value
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from arcompile.profile import profile
-    from arcompile.profile_report import format_table, plot, write_json
+    from arcompile.profile_report import format_modes, format_table, plot, write_json
 
     if args.plot:  # fail before the long run, not after it
         try:
@@ -111,6 +141,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                      held_tokens=args.held_tokens, repeats=args.repeats, threads=args.threads,
                      log=_log)
     print(format_table(report))
+    if format_modes(report):
+        print("\n" + format_modes(report))
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")
@@ -159,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-context", type=int, default=None,
                    help="the most tokens (prompt + new) the engine decodes (default: the "
                         "model's max_position_embeddings, else 2048)")
-    o.add_argument("--quantize", choices=("int8", "int4"),
-                   help="quantize linear weights (round-to-nearest, MatMulNBits), held to "
+    o.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
+                   help="quantize linear weights (int8/int4: round-to-nearest, MatMulNBits; "
+                        "w8a8: SmoothQuant + static int8 activations, Q/DQ), held to "
                         "--max-ppl-increase on held-out text")
     o.add_argument("--group-size", type=int,
                    help="with --quantize: weights per scale along K (a power of two >= 16; "
@@ -169,12 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: the most perplexity may rise, e.g. 8%% or 0.08 "
                         "(default int8 1%%, int4 8%%); beyond it optimize fails with the "
                         "figures and writes nothing")
-    o.add_argument("--quant-method", default="rtn",
-                   help="with --quantize: rtn (round-to-nearest, default) or a calibrated "
-                        "method")
+    o.add_argument("--quant-method", choices=("rtn", "gptq"), default=None,
+                   help="with --quantize int8/int4: rtn (round-to-nearest; the int8 default) "
+                        "or gptq (error-corrected on calibration text; the int4 default)")
     o.add_argument("--calibration-samples", type=int, default=None,
                    help="with a calibrated --quant-method: sequences of 128 tokens of "
-                        "calibration text (pydoc_data, never the held-out text)")
+                        "calibration text (pydoc_data, never the held-out text; default 16)")
+    o.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default=None,
+                   help="with --quantize int8/int4: the LM head's weights (default int8; "
+                        "the embedding lookup stays fp32)")
+    o.add_argument("--skip", type=_skip_fraction, metavar="FRACTION",
+                   help="layer-skip routing: rank the feed-forward blocks by how much "
+                        "skipping each raises the loss on calibration text, and skip this "
+                        "fraction of them in the lossy mode (e.g. 0.25 or 25%%); every block "
+                        "gets a run-time flag (`run --skip`, `run --speculative self`)")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")
@@ -192,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
     r.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    r.add_argument("--skip", type=_skip_fraction, nargs="?", const=True, metavar="FRACTION",
+                   help="lossy layer skipping (an engine optimized with --skip): the engine's "
+                        "choice, or the top FRACTION of its ranking of feed-forward blocks")
+    r.add_argument("--speculative",
+                   choices=("self", "ngram", "draft", "ngram+self", "ngram+draft"),
+                   help="lossless speculative greedy decoding: self (draft with feed-forward "
+                        "blocks skipped; an engine optimized with --skip), ngram (prompt "
+                        "lookup), draft (the --draft engine drafts) or ngram+self / "
+                        "ngram+draft (lookup first); prints the acceptance rate")
+    r.add_argument("--draft", metavar="ENGINE",
+                   help="with --speculative draft: an engine of the same model to draft "
+                        "with, e.g. optimized with --quantize int4")
+    r.add_argument("--draft-tokens", type=int, default=4,
+                   help="with --speculative: tokens drafted per verifying step (default 4)")
     r.set_defaults(func=cmd_run)
 
     f = sub.add_parser("profile", help="measure latency, memory and accuracy after every pass",

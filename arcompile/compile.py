@@ -67,8 +67,10 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              kv_cache: bool = True, kv_cache_runtime: str = "inplace",
              max_context: int | None = None, hooks: Sequence[Hook] = (),
              quantize: str | None = None, group_size: int | None = None,
-             max_ppl_increase: float | None = None, quant_method: str = "rtn",
-             calibration_samples: int | None = None, **options: Any) -> OptimizeReport:
+             max_ppl_increase: float | None = None, quant_method: str | None = None,
+             calibration_samples: int | None = None, lm_head: str | None = None,
+             skip: float | None = None,
+             **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -82,11 +84,23 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     after every pass (``arcompile profile`` measures with one). ``quantize``: ``"int8"`` or
     ``"int4"`` weights (``group_size``: block size along K), held to ``max_ppl_increase``
     (relative perplexity on held-out text; default int8 1%, int4 8%); ``quant_method``:
-    ``"rtn"`` (round-to-nearest) or a calibrated method, ``calibration_samples`` sequences of
-    calibration text for it: see ``arcompile/quantization.py``. Unknown options are an error.
+    ``"rtn"`` (round-to-nearest) or ``"gptq"`` (calibrated; the int4 default),
+    ``calibration_samples`` sequences of calibration text for it; ``lm_head``: ``"fp32"``,
+    ``"int8"`` or ``"int4"`` (default int8): see ``arcompile/quantization.py``. ``skip``: layer-skip
+    routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
+    (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
+    run-time flag (``generate(skip=...)``, ``speculative="self"``). Unknown options are an
+    error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
+    if not quantize:  # settings of a quantization nobody asked for
+        given = [name for name, v in (("quant_method", quant_method), ("lm_head", lm_head),
+                                      ("calibration_samples", calibration_samples))
+                 if v is not None]
+        if given:
+            raise ArcompileError(f"{', '.join(given)} without quantize (--quantize) does "
+                                 f"nothing; pass a --quantize mode")
     if kv_cache_runtime not in ("concat", "inplace"):
         raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
     if max_context is not None and int(max_context) < 1:
@@ -124,12 +138,15 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
     extra, validate, quantized = {}, None, None
+    if skip is not None:  # layer-skip routing: after the cache, before quantization
+        records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks,
+                             int(loaded.config.get("max_position_embeddings") or 0) or None)
     if quantize:
         from arcompile import quantization
 
         quant_records, quantized = quantization.quantize(
             graph, quantize, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
-            method=quant_method, calibration_samples=calibration_samples,
+            method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
             max_tokens=int(loaded.config.get("max_position_embeddings") or 0) or None)
         records += quant_records
         extra["quantization"] = quantized
@@ -183,6 +200,8 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             "padding_side": "right",
             "kv_cache": cache_layout,
             **({"kv_cache_refused": refused} if refused else {}),
+            # layer-skip routing (passes/skip_ffn.py): its flags input, blocks and choice
+            **({"skip_ffn": graph.meta["skip_ffn"]} if graph.meta.get("skip_ffn") else {}),
             "passes": [r.as_dict() for r in records],
             "lowering_max_abs_diff": diff,
             "source": {"path": loaded.source, "kind": loaded.source_kind,
@@ -222,6 +241,28 @@ def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_
     reason = "; ".join(records[0].notes) or "insert_kv_cache: refused (no reason given)"
     say(f"  KV cache not inserted, the engine is uncached: {reason}")
     return None, reason, records
+
+
+def _skip_ffn(graph, budget: float, tokenizer: Any, vocab: int, say: Callable[[str], None],
+              hooks: Sequence[Hook] = (), max_tokens: int | None = None) -> list:
+    """SkipFFN (calibrated on calibration text, perplexity measured on held-out text),
+    verified; ArcompileError when it refuses (``--skip`` asked for it)."""
+    from arcompile.passes.skip_ffn import SkipFFN
+
+    say(f"routing feed-forward blocks (skip budget {budget:g})")
+    try:
+        skip = SkipFFN(budget, tokenizer=tokenizer, vocab=vocab, measure=True,
+                       max_tokens=max_tokens)
+    except ValueError as e:
+        raise ArcompileError(str(e)) from None
+    records = PassManager([skip], [VerifyHook(), *hooks], log=say).run(graph)
+    if "skip_ffn" not in graph.meta:
+        raise ArcompileError("; ".join(records[0].notes) or "skip_ffn: refused")
+    ppl = graph.meta["skip_ffn"]["perplexity"]
+    say(f"  skipping {len(graph.meta['skip_ffn']['chosen'])} of "
+        f"{len(graph.meta['skip_ffn']['scores'])} feed-forward blocks: perplexity "
+        f"{ppl['full']:.3f} -> {ppl['skipped']:.3f} ({ppl['increase']:+.1%}, interpreter)")
+    return records
 
 
 def _cache_manifest(graph, io: dict) -> dict:
@@ -305,7 +346,10 @@ def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndar
     step = InplaceStep(session, graph.inputs[0].name, layout["past_length"],
                        session.get_outputs()[0].name, [v.name for v in pasts],
                        [n for pair in layout["present"] for n in pair],
-                       layout["max_context"], layout["logits_to_keep"])
+                       layout["max_context"], layout["logits_to_keep"],
+                       # layer-skip routing's flags: none set (``passes/skip_ffn.py``)
+                       {skip["input"]: np.zeros(len(skip["blocks"]), dtype=bool)}
+                       if (skip := graph.meta.get("skip_ffn")) else None)
     shapes = [v.shape for v in pasts]
     dtypes = [np.dtype(str(v.dtype).removeprefix("torch.")) for v in pasts]
     ids = sample.numpy()

@@ -14,12 +14,22 @@ fed back as the next pasts. A batch of prompts of different lengths is decoded a
 group per prompt length, stepped together (no padding reaches the cache; each row's tokens are
 those it gets alone); engines without a cache recompute the right-padded prefix every step.
 
+An engine optimized with ``skip`` (layer-skip routing, ``passes/skip_ffn.py``) takes a flag
+per routed feed-forward block: ``generate(..., skip=True)`` decodes with the calibrated choice
+skipped (lossy; ``skip=0.3``: the top 30% of the ranking), and ``speculative="self"`` drafts
+with them skipped and verifies with the full model, losslessly for greedy decoding
+(``speculative.py``). ``speculative="ngram"`` (prompt lookup) needs only the cache:
+
+    new = eng.generate(ids, max_new_tokens=128, speculative="self", draft_tokens=4)
+    eng.speculation   # {"acceptance_rate": ..., "tokens_per_round": ..., ...}
+
 Loading checks the manifest (format version, every file's size and hash) before ONNX
 Runtime sees the model, and refuses a directory that does not match.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,6 +46,7 @@ RUNTIMES = ("onnxruntime-cpu",)
 class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, check_hashes: bool = True):
         self.path = Path(path)
+        self._threads = threads
         self.manifest = read_manifest(self.path, check_hashes=check_hashes)
         runtime = self.manifest.get("runtime")
         if runtime not in RUNTIMES:
@@ -49,6 +60,8 @@ class Engine:
         self._tokenizer: Any = None
         self._cache: dict | None = self.manifest.get("kv_cache")
         self._inplace = None  # the in-place step (runtime_cache "inplace"), else None
+        self._skip: dict | None = self.manifest.get("skip_ffn")  # layer-skip routing, or None
+        self.speculation: dict | None = None  # the last speculative decode's figures
         if self._cache is not None:
             self._output = self._cache["logits"]
             inputs = {i["name"]: i for i in self.manifest["inputs"]}
@@ -63,7 +76,8 @@ class Engine:
                 self._inplace = InplaceStep(self._session, self._input,
                                             self._cache["past_length"], self._output,
                                             self._past_names, self._present_names,
-                                            int(self._cache["max_context"]), self._keep)
+                                            int(self._cache["max_context"]), self._keep,
+                                            self._skip_defaults())
 
     @property
     def kv_cache(self) -> bool:
@@ -98,21 +112,53 @@ class Engine:
         return [np.zeros((batch, shape[1], 0, *shape[3:]), dtype=dtype)
                 for shape, dtype in zip(self._past_shapes, self._past_dtypes)]
 
-    def _step(self, ids: np.ndarray, past_length: int, pasts: list[np.ndarray], keep: int = 0
-              ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _step(self, ids: np.ndarray, past_length: int, pasts: list[np.ndarray], keep: int = 0,
+              skip: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """One cached step: logits of the new tokens (the last ``keep``; 0: all, and all
-        when the engine cannot keep fewer) and the presents (the next pasts)."""
+        when the engine cannot keep fewer) and the presents (the next pasts). ``skip``: the
+        layer-skip flags (bool [N]); None runs every block."""
+        extra = {self._skip["input"]: skip} if skip is not None else self._skip_defaults()
         if self._inplace is not None:
-            return self._inplace(ids, past_length, pasts, keep)
+            return self._inplace(ids, past_length, pasts, keep, extra)
         feed = {self._input: ids, self._cache["past_length"]: np.array(past_length, np.int64)}
         if self._keep is not None:
             feed[self._keep] = np.array(keep, np.int64)
+        feed.update(extra or {})
         feed.update(zip(self._past_names, pasts))
         outs = self._session.run([self._output, *self._present_names], feed)
         return outs[0], outs[1:]
 
-    def logits(self, input_ids) -> np.ndarray:
-        """Logits [B, T, V] for whole sequences; rows must have equal length."""
+    def _skip_defaults(self) -> dict:
+        """The layer-skip flags input, none set (the full model), when the engine has one."""
+        if self._skip is None:
+            return {}
+        return {self._skip["input"]: np.zeros(len(self._skip["blocks"]), dtype=bool)}
+
+    @property
+    def skip_routing(self) -> dict | None:
+        """The manifest's layer-skip routing (blocks, scores, ranking, choice), or None."""
+        return self._skip
+
+    def skip_flags(self, skip: bool | float = True) -> np.ndarray:
+        """The layer-skip flags for ``skip``: True, the engine's calibrated choice; a fraction
+        in (0, 1), the top of its ranking of feed-forward blocks."""
+        if self._skip is None:
+            raise DecodeError("this engine has no layer-skip routing; optimize with --skip "
+                              "FRACTION (e.g. --skip 0.25)")
+        from arcompile.passes.skip_ffn import choose
+
+        try:
+            chosen = choose(self._skip, skip)
+        except ValueError as e:
+            raise DecodeError(str(e)) from None
+        flags = np.zeros(len(self._skip["blocks"]), dtype=bool)
+        flags[chosen] = True
+        return flags
+
+    def logits(self, input_ids, skip: bool | float = False) -> np.ndarray:
+        """Logits [B, T, V] for whole sequences; rows must have equal length. ``skip``: with
+        the layer-skip choice skipped (see ``skip_flags``)."""
+        flags = self.skip_flags(skip) if skip is not False else None
         rows, _ = as_batch(input_ids)
         if len({len(r) for r in rows}) != 1:
             raise DecodeError("logits() needs rows of equal length; call it per row instead")
@@ -120,16 +166,41 @@ class Engine:
         if self.max_context and ids.shape[1] > self.max_context:
             raise DecodeError(f"sequence of {ids.shape[1]} tokens exceeds the engine's maximum "
                               f"context of {self.max_context}")
+        if flags is not None:  # one prefill with the flags set, every row kept
+            return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
         return self._forward(ids)
 
     # -- decoding ---------------------------------------------------------------------
     def stream(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+               skip: bool | float = False, speculative: str | None = None,
+               draft_tokens: int = 4, draft_skip: bool | float | None = None,
+               min_confidence: float | None = None, draft: "Engine | str | None" = None
                ) -> Iterator[list[int | None]]:
-        """Yield each step's new token per row (None once a row has stopped)."""
+        """Yield each step's new token per row (None once a row has stopped).
+
+        ``skip``: decode with the layer-skip choice skipped (lossy; True or a fraction, see
+        ``skip_flags``). ``speculative``: ``"self"`` (draft with ``draft_skip``'s blocks
+        skipped, default ``speculative.SELF_DRAFT_SKIP``), ``"ngram"`` (prompt lookup) or
+        ``"draft"`` (another engine of the same model and cache layout drafts, e.g. its int4
+        build: ``draft`` is that Engine or its folder), up to ``draft_tokens`` drafts
+        verified in one full step; greedy and batch 1 only, the output is plain greedy's.
+        ``min_confidence``: stop drafting with a model below this top probability (default
+        ``speculative.DEFAULT_MIN_CONFIDENCE``).
+        """
         rows, _ = as_batch(input_ids)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        if speculative is not None:
+            yield from self._speculative(rows, max_new_tokens, do_sample, eos_token_id, skip,
+                                         speculative, draft_tokens, draft_skip, min_confidence,
+                                         draft)
+            return
+        step = self._step
+        if skip is not False:  # lossy: every step with the chosen blocks skipped
+            if self._cache is None:
+                raise DecodeError("skip needs a cached engine")
+            step = partial(self._step, skip=self.skip_flags(skip))
         if self._cache is None:  # recompute the (right-padded) prefix every step
             yield from decode_steps(self._forward, rows, max_new_tokens, sampler, eos_token_id,
                                     self.max_context)
@@ -139,7 +210,7 @@ class Engine:
         for i, row in enumerate(rows):
             groups.setdefault(len(row), []).append(i)
         streams = [(members, cached_decode_steps(
-            self._step, self._empty_cache, [rows[i] for i in members], max_new_tokens, sampler,
+            step, self._empty_cache, [rows[i] for i in members], max_new_tokens, sampler,
             eos_token_id, self.max_context, drop_stopped=self._inplace is None))
             for members in groups.values()]
         for _ in range(max_new_tokens):
@@ -155,14 +226,100 @@ class Engine:
                 return
             yield out
 
+    def _speculative(self, rows: list[list[int]], max_new_tokens: int, do_sample: bool,
+                     eos_token_id, skip, mode: str, draft_tokens: int, draft_skip,
+                     min_confidence: float | None, draft_engine=None
+                     ) -> Iterator[list[int | None]]:
+        from arcompile import speculative as spec
+
+        if mode not in spec.MODES:
+            raise DecodeError(f"speculative must be one of {', '.join(spec.MODES)}, got "
+                              f"{mode!r}")
+        kinds = mode.split("+")  # "ngram+self": prompt lookup first, the model when it has none
+        if self._cache is None:
+            raise DecodeError("speculative decoding needs a cached engine (this one has no KV "
+                              "cache: optimize without kv_cache=False)")
+        if do_sample:
+            raise DecodeError("speculative decoding is lossless for greedy decoding only; "
+                              "drop do_sample")
+        if skip is not False:
+            raise DecodeError("speculative decoding verifies with the full model; drop skip "
+                              "(draft_skip sets what the self drafter skips)")
+        if len(rows) != 1:
+            raise DecodeError(f"speculative decoding runs one prompt at a time (batch 1); got "
+                              f"{len(rows)} prompts")
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) \
+                or draft_tokens < 1:
+            raise DecodeError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        check_context(rows, max_new_tokens, self.max_context)
+        stats = spec.SpeculationStats(mode, int(draft_tokens))
+        drafters = []
+        for kind in kinds:
+            confidence = spec.DEFAULT_MIN_CONFIDENCE.get(kind, 0.0) \
+                if min_confidence is None else min_confidence
+            if kind == "self":
+                if draft_skip is None:
+                    draft_skip = spec.SELF_DRAFT_SKIP
+                flags = self.skip_flags(draft_skip)
+                stats.extra.update({"draft_skip": draft_skip,
+                                    "skipped_blocks": int(flags.sum()),
+                                    "min_confidence": confidence})
+                drafters.append(spec.self_drafter(self._step, flags, stats, confidence))
+            elif kind == "draft":
+                other = self._draft_engine(draft_engine)
+                flags = other.skip_flags(draft_skip) if draft_skip not in (None, False) \
+                    else None
+                stats.extra.update({"draft_engine": str(other.path), "draft_skip": draft_skip,
+                                    "min_confidence": confidence})
+                drafters.append(spec.self_drafter(other._step, flags, stats, confidence))
+            else:
+                drafters.append(spec.ngram_drafter())
+        draft = drafters[0] if len(drafters) == 1 else spec.first_of(drafters)
+        prompt = rows[0]
+        cache = self._empty_cache(1, len(prompt) + max_new_tokens)
+        trim = None if self._inplace is not None else (
+            lambda c, n: [x[:, :, :n] for x in c])
+        try:
+            for token in spec.speculative_steps(self._step, cache, prompt, max_new_tokens,
+                                                draft, int(draft_tokens), stats, eos_token_id,
+                                                trim):
+                yield [token]
+        finally:  # also when the caller stops reading early
+            self.speculation = stats.as_dict()
+
+    def _draft_engine(self, draft) -> "Engine":
+        """``draft`` as an Engine whose cache this engine's buffers can hold: the same layers,
+        KV heads, head size, dtype, runtime and vocabulary (its rows are overwritten by the
+        verifying step, so only their layout must agree)."""
+        if draft is None:
+            raise DecodeError('speculative="draft" needs draft=ENGINE (or its folder), e.g. '
+                              'the same model optimized with --quantize int4')
+        other = draft if isinstance(draft, Engine) else Engine(draft, threads=self._threads)
+        mine, theirs = self._cache, other._cache or {}
+        keys = ("layers", "num_kv_heads", "head_dim", "dtype", "runtime_cache", "past")
+        differ = [k for k in keys if mine.get(k) != theirs.get(k)]
+        vocab = (self.config.get("vocab_size"), other.config.get("vocab_size"))
+        if differ or vocab[0] != vocab[1]:
+            what = ", ".join(differ + (["vocab_size"] if vocab[0] != vocab[1] else []))
+            raise DecodeError(f"the draft engine {other.path} cannot share this engine's cache: "
+                              f"its {what} differ")
+        return other
+
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None):
-        """Only the new tokens, in the shape of ``input_ids`` (a row stops after its EOS)."""
+                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 skip: bool | float = False, speculative: str | None = None,
+                 draft_tokens: int = 4, draft_skip: bool | float | None = None,
+                 min_confidence: float | None = None, draft: "Engine | str | None" = None):
+        """Only the new tokens, in the shape of ``input_ids`` (a row stops after its EOS).
+        ``skip``, ``speculative``, ``draft_tokens``, ``draft_skip``, ``min_confidence``,
+        ``draft``: see ``stream``; ``self.speculation`` then holds the figures (acceptance
+        rate, ...)."""
         rows, single = as_batch(input_ids)
         out: list[list[int]] = [[] for _ in rows]
         for step in self.stream(rows, max_new_tokens, do_sample, temperature, top_k, top_p,
-                                seed, eos_token_id):
+                                seed, eos_token_id, skip, speculative, draft_tokens,
+                                draft_skip, min_confidence, draft):
             for i, t in enumerate(step):
                 if t is not None:
                     out[i].append(t)

@@ -61,6 +61,8 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
     ``quantization``: optimize's quantization options (``quantize="int4"``, ``group_size``,
     ``quant_method``, ...); the quantizing passes then get rows of their own and the gate's
     figures (perplexity, greedy agreement with the unquantized graph) go into the report.
+    ``skip`` (layer-skip routing) passes through the same way: its row and every later one
+    measure the lossy mode and self-speculative decoding too (``decoding_modes``).
     """
     from arcompile.compile import optimize, write_engine
     from arcompile.frontend.load import LoadedModel, load_model
@@ -72,7 +74,8 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
         if n < 2:
             raise ArcompileError(f"{name} must be at least 2, got {n}")
     total_rows = (len(build_pipeline(passes)) + 1 + (4 if kv_cache else 0)
-                  + (2 if quantization.get("quantize") else 0))
+                  + (2 if quantization.get("quantize") else 0)
+                  + (1 if quantization.get("skip") else 0))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, log=say)
     say("computing the eager PyTorch reference")
     ref = _reference(loaded, prompt_tokens, agreement_tokens, held_tokens)

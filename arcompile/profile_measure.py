@@ -19,6 +19,12 @@ max_abs_logit_diff (prompt logits against eager), greedy_agreement (with eager's
 fed in, the fraction of positions where the engine's argmax is eager's next token),
 greedy_identical_prefix (how many of the engine's own greedy tokens equal eager's before the
 first difference) and perplexity (on ``held``).
+
+A cached engine also gets its other decoding modes measured on the same prompt
+(``decoding_modes``; ``"modes": false`` in the request skips them): greedy tokens/s plain and
+with n-gram speculative decoding, and with layer-skip routing (``optimize --skip``) the lossy
+mode's decode ms/token and perplexity and self-speculative decoding; each speculative mode's
+acceptance rate and whether its tokens equal plain greedy's.
 """
 
 from __future__ import annotations
@@ -56,7 +62,9 @@ def measure(request: dict) -> dict:
     logits = eng.logits([prompt])
     forced = eng.logits([prompt + greedy[:-1]])[0, len(prompt) - 1:].argmax(-1)
     held = request["held"]
-    return {
+    modes = decoding_modes(eng, prompt, request["decode_tokens"], held) \
+        if request.get("modes", True) else {}
+    return {**modes,
         "prefill_ms": statistics.median(prefill),
         "decode_ms_p50": float(np.percentile(per_token, 50)) if per_token.size else None,
         "decode_ms_p90": float(np.percentile(per_token, 90)) if per_token.size else None,
@@ -66,6 +74,37 @@ def measure(request: dict) -> dict:
         "greedy_identical_prefix": same.index(False),
         "perplexity": perplexity(eng.logits([held])[0], held),
     }
+
+
+def decoding_modes(eng, prompt: list[int], count: int, held: list[int],
+                   draft_tokens: int = 4) -> dict:
+    """Greedy tokens/s (``count`` tokens, the prefill included, best of two interleaved runs)
+    plain and speculative; with layer-skip routing the lossy mode too. {} when uncached."""
+    if not eng.kv_cache:
+        return {}
+    runs = {"plain": {}, "spec_ngram": {"speculative": "ngram", "draft_tokens": draft_tokens}}
+    if eng.skip_routing is not None:
+        runs["spec_self"] = {"speculative": "self", "draft_tokens": draft_tokens}
+        runs["skip"] = {"skip": True}
+    best: dict[str, float] = {}
+    tokens: dict[str, list[int]] = {}
+    stats: dict[str, dict] = {}
+    for _ in range(2):  # interleaved, so load on the machine hits every mode alike
+        for name, kw in runs.items():
+            start = time.perf_counter()
+            tokens[name] = eng.generate(prompt, max_new_tokens=count, **kw)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+            if kw.get("speculative"):
+                stats[name] = eng.speculation
+    out: dict = {f"{name}_tokens_per_s": len(tokens[name]) / best[name] for name in runs}
+    for name in stats:
+        out[f"{name}_acceptance"] = stats[name]["acceptance_rate"]
+        out[f"{name}_tokens_per_round"] = stats[name]["tokens_per_round"]
+        out[f"{name}_identical"] = tokens[name] == tokens["plain"]
+    if "skip" in runs:
+        out["skip_blocks"] = len(eng.skip_routing["chosen"])
+        out["skip_perplexity"] = perplexity(eng.logits([held], skip=True)[0], held)
+    return out
 
 
 def peak_rss_mb() -> float:

@@ -26,6 +26,21 @@ COLUMNS = [
     ("same prefix", "greedy_identical_prefix", "{:d}"),
     ("ppl", "perplexity", "{:.3f}"),
 ]
+# the cached rows' other decoding modes (``profile_measure.decoding_modes``): greedy tokens/s
+# plain, speculative (acceptance rate, tokens equal to plain greedy's) and lossy layer skip
+MODE_COLUMNS = [
+    ("pass", "pass", "{}"),
+    ("plain tok/s", "plain_tokens_per_s", "{:.1f}"),
+    ("ngram tok/s", "spec_ngram_tokens_per_s", "{:.1f}"),
+    ("ngram accept", "spec_ngram_acceptance", "{:.2f}"),
+    ("ngram same", "spec_ngram_identical", "{}"),
+    ("self tok/s", "spec_self_tokens_per_s", "{:.1f}"),
+    ("self accept", "spec_self_acceptance", "{:.2f}"),
+    ("self same", "spec_self_identical", "{}"),
+    ("skip blocks", "skip_blocks", "{:d}"),
+    ("skip tok/s", "skip_tokens_per_s", "{:.1f}"),
+    ("skip ppl", "skip_perplexity", "{:.3f}"),
+]
 
 
 def format_table(report: dict) -> str:
@@ -39,14 +54,27 @@ def format_table(report: dict) -> str:
             f"{report['reference']['perplexity']:.3f}"]
     if report.get("kv_cache_refused"):
         head.append(f"kv cache refused: {report['kv_cache_refused']}")
-    cells = [[h for h, _, _ in COLUMNS]]
-    for row in report["rows"]:
-        cells.append([_cell(row.get(key), fmt) for _, key, fmt in COLUMNS])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    return "\n".join(head + [""] + _table(COLUMNS, report["rows"]))
+
+
+def format_modes(report: dict) -> str:
+    """The cached rows' decoding modes as a second table ("" when no row has them)."""
+    modes = [r for r in report["rows"] if "plain_tokens_per_s" in r]
+    if not modes:
+        return ""
+    return "\n".join(["decoding modes (greedy, the same prompt; tokens/s include the "
+                      "prefill):"] + _table(MODE_COLUMNS, modes))
+
+
+def _table(columns: list, rows: list[dict]) -> list[str]:
+    cells = [[h for h, _, _ in columns]]
+    for row in rows:
+        cells.append([_cell(row.get(key), fmt) for _, key, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(head + [""] + lines)
+    return lines
 
 
 def _cell(value, fmt: str) -> str:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import torch
 
 from arcompile.ir.graph import SYM_DTYPES, SYM_INT, Graph, In, Node, Value
@@ -151,9 +152,14 @@ def past_inputs(graph: Graph) -> list[Value]:
     return [by_name[n] for pair in graph.meta["kv_cache"]["past"] for n in pair]
 
 
-def step_inputs(graph: Graph, tokens, past_length, pasts: list, keep=0) -> list:
-    """The cached graph's inputs in order: tokens, past_length, pasts, [logits_to_keep]."""
+def step_inputs(graph: Graph, tokens, past_length, pasts: list, keep=0, skip=None) -> list:
+    """The cached graph's inputs in order: tokens, past_length, pasts, [logits_to_keep],
+    [skip_ffn: the layer-skip flags (``passes/skip_ffn.py``); ``skip`` or none set]."""
     extra = [keep] if graph.meta["kv_cache"]["logits_to_keep"] is not None else []
+    if graph.meta.get("skip_ffn") is not None:  # none set: numpy for ORT, torch for the IR
+        count = len(graph.meta["skip_ffn"]["blocks"])
+        extra.append(skip if skip is not None else np.zeros(count, dtype=bool)
+                     if isinstance(tokens, np.ndarray) else torch.zeros(count, dtype=torch.bool))
     return [tokens, past_length, *pasts, *extra]
 
 

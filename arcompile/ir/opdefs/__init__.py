@@ -4,4 +4,4 @@ registering a reference implementation (torch ops) with ``arcompile.ir.ops.regis
 Importing this package registers them all; the reference interpreter does so on first use.
 """
 
-from arcompile.ir.opdefs import attention, kv_cache, mlp, norms, quant, rope  # noqa: F401
+from arcompile.ir.opdefs import attention, kv_cache, mlp, norms, qlinear, quant, rope, skip  # noqa: F401

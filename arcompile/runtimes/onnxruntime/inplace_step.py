@@ -20,10 +20,12 @@ class InplaceStep:
 
     def __init__(self, session, tokens: str, past_length: str, logits: str,
                  pasts: list[str], presents: list[str], max_context: int,
-                 logits_to_keep: str | None = None):
+                 logits_to_keep: str | None = None, defaults: dict | None = None):
         self.session, self.tokens, self.past_length = session, tokens, past_length
         self.logits, self.logits_to_keep = logits, logits_to_keep
         self.pasts, self.presents, self.max_context = pasts, presents, max_context
+        # more inputs the graph takes (the layer-skip flags), bound when a call does not
+        self.defaults = dict(defaults or {})
 
     def buffers(self, batch: int, capacity: int, shapes: list, dtypes: list) -> list:
         """Zeroed [B, Hkv, capacity, D] OrtValues, one per past (each keeps its numpy array
@@ -36,7 +38,8 @@ class InplaceStep:
         return [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
 
     def __call__(self, ids: np.ndarray, past_length: int, buffers: list,
-                 keep: int = 0) -> tuple[np.ndarray, list]:
+                 keep: int = 0, extra: dict | None = None) -> tuple[np.ndarray, list]:
+        """``extra``: more inputs by name (the layer-skip flags), bound as they are."""
         capacity = buffers[0].shape()[2]
         if past_length + ids.shape[1] > capacity:
             raise DecodeError(f"{past_length + ids.shape[1]} tokens exceed the cache capacity of "
@@ -47,6 +50,8 @@ class InplaceStep:
         io.bind_cpu_input(self.past_length, np.array(past_length, np.int64))
         if self.logits_to_keep is not None:
             io.bind_cpu_input(self.logits_to_keep, np.array(keep, np.int64))
+        for name, value in {**self.defaults, **(extra or {})}.items():
+            io.bind_cpu_input(name, value)
         io.bind_output(self.logits)  # bound first: get_outputs()[0]
         for past, present, buf in zip(self.pasts, self.presents, buffers):
             io.bind_ortvalue_input(past, buf)
