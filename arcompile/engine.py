@@ -101,7 +101,15 @@ class Engine:
         """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
         if self._cache is None:
             return self._session.run([self._output], {self._input: ids})[0]
-        return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
+        try:
+            return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """A decode ended: the in-place step lets go of its binding and the cache buffers."""
+        if self._inplace is not None:
+            self._inplace.release()
 
     def _empty_cache(self, batch: int, capacity: int | None = None) -> list:
         """An empty cache for ``batch`` rows; in-place: buffers for ``capacity`` tokens (the
@@ -167,7 +175,10 @@ class Engine:
             raise DecodeError(f"sequence of {ids.shape[1]} tokens exceeds the engine's maximum "
                               f"context of {self.max_context}")
         if flags is not None:  # one prefill with the flags set, every row kept
-            return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
+            try:
+                return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
+            finally:
+                self._release()
         return self._forward(ids)
 
     # -- decoding ---------------------------------------------------------------------
@@ -213,18 +224,21 @@ class Engine:
             step, self._empty_cache, [rows[i] for i in members], max_new_tokens, sampler,
             eos_token_id, self.max_context, drop_stopped=self._inplace is None))
             for members in groups.values()]
-        for _ in range(max_new_tokens):
-            out: list[int | None] = [None] * len(rows)
-            live = False
-            for members, steps in streams:
-                tokens = next(steps, None)  # None: every row of the group has stopped
-                if tokens is not None:
-                    live = True
-                    for i, t in zip(members, tokens):
-                        out[i] = t
-            if not live:
-                return
-            yield out
+        try:
+            for _ in range(max_new_tokens):
+                out: list[int | None] = [None] * len(rows)
+                live = False
+                for members, steps in streams:
+                    tokens = next(steps, None)  # None: every row of the group has stopped
+                    if tokens is not None:
+                        live = True
+                        for i, t in zip(members, tokens):
+                            out[i] = t
+                if not live:
+                    return
+                yield out
+        finally:  # also when the caller stops reading early
+            self._release()
 
     def _speculative(self, rows: list[list[int]], max_new_tokens: int, do_sample: bool,
                      eos_token_id, skip, mode: str, draft_tokens: int, draft_skip,
@@ -286,6 +300,7 @@ class Engine:
                 yield [token]
         finally:  # also when the caller stops reading early
             self.speculation = stats.as_dict()
+            self._release()
 
     def _draft_engine(self, draft) -> "Engine":
         """``draft`` as an Engine whose cache this engine's buffers can hold: the same layers,

@@ -5,6 +5,12 @@ One [B, Hkv, capacity, D] buffer pair per layer is allocated when a decode start
 bound, with I/O binding, both as the step's pasts and as its presents: GroupQueryAttention
 writes the new rows at ``past_length`` .. ``past_length + T - 1`` into them, so nothing of the
 cache is copied between steps. Only the logits come back to numpy.
+
+The binding itself is kept from one step to the next while the buffers and the logits' shape
+stay the same (``_binding``): only the tokens, ``past_length`` and ``logits_to_keep`` are bound
+anew, and the logits land in a preallocated array. Rebuilding the binding, its 2 x layers
+cache bindings and a fresh logits output every step cost SmolLM2 about 0.3 ms of a 4 ms int4
+step. ``release`` drops what the binding holds when a decode ends.
 """
 
 from __future__ import annotations
@@ -12,6 +18,12 @@ from __future__ import annotations
 import numpy as np
 
 from arcompile.errors import DecodeError
+
+# logits rows up to which a step's output goes into a preallocated array (decode steps and
+# speculative verification); more (a full prefill's logits) get a fresh array from ORT
+PREALLOCATED_ROWS = 64
+ORT_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+              "tensor(double)": np.float64}
 
 
 class InplaceStep:
@@ -26,6 +38,8 @@ class InplaceStep:
         self.pasts, self.presents, self.max_context = pasts, presents, max_context
         # more inputs the graph takes (the layer-skip flags), bound when a call does not
         self.defaults = dict(defaults or {})
+        # see _binding: (buffers[0], the binding), logits arrays by shape, the bound shape
+        self._bound, self._arrays, self._shape = None, {}, None
 
     def buffers(self, batch: int, capacity: int, shapes: list, dtypes: list) -> list:
         """Zeroed [B, Hkv, capacity, D] OrtValues, one per past (each keeps its numpy array
@@ -45,16 +59,49 @@ class InplaceStep:
             raise DecodeError(f"{past_length + ids.shape[1]} tokens exceed the cache capacity of "
                               f"{capacity} allocated for this decode (the engine's max_context "
                               f"is {self.max_context})")
-        io = self.session.io_binding()
+        rows = ids.shape[1] if self.logits_to_keep is None or keep <= 0 else min(keep,
+                                                                                ids.shape[1])
+        io, logits = self._binding(buffers, (ids.shape[0], rows))
         io.bind_cpu_input(self.tokens, np.ascontiguousarray(ids, dtype=np.int64))
         io.bind_cpu_input(self.past_length, np.array(past_length, np.int64))
         if self.logits_to_keep is not None:
             io.bind_cpu_input(self.logits_to_keep, np.array(keep, np.int64))
         for name, value in {**self.defaults, **(extra or {})}.items():
             io.bind_cpu_input(name, value)
-        io.bind_output(self.logits)  # bound first: get_outputs()[0]
-        for past, present, buf in zip(self.pasts, self.presents, buffers):
-            io.bind_ortvalue_input(past, buf)
-            io.bind_ortvalue_output(present, buf)
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy(), buffers
+        if logits is None:  # no preallocated array: the output ORT allocated
+            return io.get_outputs()[0].numpy(), buffers
+        return logits.copy(), buffers  # the array is the next step's output too
+
+    def _binding(self, buffers: list, shape: tuple[int, int]):
+        """(the I/O binding with ``buffers`` bound as pasts and presents, and a preallocated
+        logits array [*shape, V] bound as its output, or None where the vocabulary size is
+        not static or many rows are asked for: then ORT allocates the output). The binding is
+        kept while ``buffers`` stay; a new shape rebinds the output alone (speculative
+        decoding alternates one-row drafting and k-row verifying steps)."""
+        import onnxruntime as ort
+
+        if self._bound is None or self._bound[0] is not buffers[0]:
+            io = self.session.io_binding()
+            io.bind_output(self.logits)  # first, so get_outputs()[0] is it (a rebind keeps it)
+            for past, present, buf in zip(self.pasts, self.presents, buffers):
+                io.bind_ortvalue_input(past, buf)
+                io.bind_ortvalue_output(present, buf)
+            self._bound, self._arrays, self._shape = (buffers[0], io), {}, None
+        io = self._bound[1]
+        if shape != self._shape:
+            out = self.session.get_outputs()[0]
+            if isinstance(out.shape[-1], int) and shape[1] <= PREALLOCATED_ROWS:
+                if shape not in self._arrays:
+                    self._arrays[shape] = np.zeros(
+                        (*shape, out.shape[-1]), dtype=ORT_FLOATS.get(out.type, np.float32))
+                io.bind_ortvalue_output(self.logits,
+                                        ort.OrtValue.ortvalue_from_numpy(self._arrays[shape]))
+            else:
+                io.bind_output(self.logits)
+            self._shape = shape
+        return io, self._arrays.get(shape)
+
+    def release(self) -> None:
+        """Forget the kept binding (and the cache buffers it references)."""
+        self._bound, self._arrays, self._shape = None, {}, None
