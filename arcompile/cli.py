@@ -25,6 +25,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       quantize=args.quantize, group_size=args.group_size,
                       max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
                       calibration_samples=args.calibration_samples, lm_head=args.lm_head,
+                      zero_point=args.zero_point,
                       skip=args.skip)
     if args.explain:
         for record in report.passes:
@@ -37,8 +38,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if report.quantization is not None:
         q = report.quantization
         s = q.get("settings", {})
-        detail = (f" ({s['method']}, group {s['block_size']}, LM head {s['lm_head']})"
-                  if "lm_head" in s else "")
+        detail = (f" ({s['method']}, group {s['block_size']}, zero point "
+                  f"{s.get('zero_point', '?')}, LM head {s['lm_head']})" if "lm_head" in s else "")
         print(f"quantization: {q['mode']}{detail}, perplexity "
               f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
               f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
@@ -192,25 +193,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the most tokens (prompt + new) the engine decodes (default: the "
                         "model's max_position_embeddings, else 2048)")
     o.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
-                   help="quantize linear weights (int8/int4: round-to-nearest, MatMulNBits; "
-                        "w8a8: SmoothQuant + static int8 activations, Q/DQ), held to "
-                        "--max-ppl-increase on held-out text")
+                   help="quantize linear weights (int8 / int4: MatMulNBits weights; w8a8: "
+                        "SmoothQuant, int8 weights and statically calibrated int8 "
+                        "activations, Q/DQ), held to --max-ppl-increase on held-out text")
     o.add_argument("--group-size", type=int,
                    help="with --quantize: weights per scale along K (a power of two >= 16; "
-                        "default int4 32, int8 128)")
+                        "default 32)")
     o.add_argument("--max-ppl-increase", type=_fraction,
                    help="with --quantize: the most perplexity may rise, e.g. 8%% or 0.08 "
-                        "(default int8 1%%, int4 8%%); beyond it optimize fails with the "
-                        "figures and writes nothing")
+                        "(default int8 1%%, int4 8%%, w8a8 3%%); beyond it optimize fails "
+                        "with the figures and writes nothing")
     o.add_argument("--quant-method", choices=("rtn", "gptq"), default=None,
                    help="with --quantize int8/int4: rtn (round-to-nearest; the int8 default) "
                         "or gptq (error-corrected on calibration text; the int4 default)")
     o.add_argument("--calibration-samples", type=int, default=None,
-                   help="with a calibrated --quant-method: sequences of 128 tokens of "
-                        "calibration text (pydoc_data, never the held-out text; default 16)")
+                   help="with gptq or w8a8: sequences of 128 tokens of calibration text "
+                        "(pydoc_data, never the held-out text; default gptq 64, w8a8 16)")
     o.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default=None,
-                   help="with --quantize int8/int4: the LM head's weights (default int8; "
-                        "the embedding lookup stays fp32)")
+                   help="with --quantize int8/int4: the LM head's weights (default int4 "
+                        "for int4 with gptq, else int8; the embedding lookup stays fp32)")
+    o.add_argument("--zero-point", choices=("none", "int", "float"), default=None,
+                   help="with --quantize int8/int4: none (symmetric), int (asymmetric, "
+                        "MatMulNBits' integer zero point; int4 gptq's default) or float "
+                        "(a float minimum per block, as llama.cpp's Q4_1; int4 rtn's "
+                        "default)")
     o.add_argument("--skip", type=_skip_fraction, metavar="FRACTION",
                    help="layer-skip routing: rank the feed-forward blocks by how much "
                         "skipping each raises the loss on calibration text, and skip this "

@@ -69,7 +69,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              quantize: str | None = None, group_size: int | None = None,
              max_ppl_increase: float | None = None, quant_method: str | None = None,
              calibration_samples: int | None = None, lm_head: str | None = None,
-             skip: float | None = None,
+             zero_point: str | None = None, skip: float | None = None,
              **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
@@ -86,7 +86,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     (relative perplexity on held-out text; default int8 1%, int4 8%); ``quant_method``:
     ``"rtn"`` (round-to-nearest) or ``"gptq"`` (calibrated; the int4 default),
     ``calibration_samples`` sequences of calibration text for it; ``lm_head``: ``"fp32"``,
-    ``"int8"`` or ``"int4"`` (default int8): see ``arcompile/quantization.py``. ``skip``: layer-skip
+    ``"int8"`` or ``"int4"``; ``zero_point``: ``"none"`` (symmetric), ``"int"`` or ``"float"``
+    (Q4_1's float minimum): see ``arcompile/quantization.py`` for the defaults. ``skip``: layer-skip
     routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
     (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
     run-time flag (``generate(skip=...)``, ``speculative="self"``). Unknown options are an
@@ -96,6 +97,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
     if not quantize:  # settings of a quantization nobody asked for
         given = [name for name, v in (("quant_method", quant_method), ("lm_head", lm_head),
+                                      ("zero_point", zero_point),
                                       ("calibration_samples", calibration_samples))
                  if v is not None]
         if given:
@@ -147,6 +149,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         quant_records, quantized = quantization.quantize(
             graph, quantize, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
             method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
+            zero_point=zero_point,
             max_tokens=int(loaded.config.get("max_position_embeddings") or 0) or None)
         records += quant_records
         extra["quantization"] = quantized

@@ -99,11 +99,12 @@ def graph_logits(graph, ids: list[int]) -> np.ndarray:
 def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float | None,
              tokenizer: Any, vocab: int, say: Callable[[str], None], hooks: Sequence = (),
              method: str | None = None, calibration_samples: int | None = None,
-             max_tokens: int | None = None, lm_head: str | None = None
-             ) -> tuple[list, dict]:
+             max_tokens: int | None = None, lm_head: str | None = None,
+             zero_point: str | None = None) -> tuple[list, dict]:
     """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
     ``method``: None for the mode's default (``DEFAULT_METHOD``). ``lm_head``: "fp32",
-    "int8" or "int4", None for the mode's default (``DEFAULT_LM_HEAD``). ``max_tokens``: the
+    "int8" or "int4", None for the mode's default (``DEFAULT_LM_HEAD``). ``zero_point``: "none"
+    (symmetric), "int" or "float", None for the method's default (``INT4_ZERO_POINT``). ``max_tokens``: the
     model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
@@ -119,7 +120,8 @@ def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float |
     limit = DEFAULT_MAX_PPL_INCREASE[mode] if max_ppl_increase is None else max_ppl_increase
     try:
         passes = mode_passes(graph, mode, group_size, method, calibration_samples, tokenizer,
-                             vocab, say, lm_head=lm_head, max_tokens=max_tokens)
+                             vocab, say, lm_head=lm_head, max_tokens=max_tokens,
+                             zero_point=zero_point)
     except ValueError as e:
         raise ArcompileError(str(e)) from None
     quantizer = passes[-1]  # the mode's last pass quantizes (w8a8: smooth_quant runs first)
@@ -158,25 +160,26 @@ def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float |
 def mode_passes(graph, mode: str, group_size: int | None, method: str,
                 calibration_samples: int | None, tokenizer: Any, vocab: int,
                 say: Callable[[str], None], lm_head: str | None = None,
-                max_tokens: int | None = None) -> list:
+                max_tokens: int | None = None, zero_point: str | None = None) -> list:
     """The passes that quantize ``graph`` for ``mode`` / ``method``; the last one (the
     quantizer) has its ``settings()`` put into the manifest and must have quantized something.
     A ValueError says what setting is wrong."""
-    if lm_head is not None and mode not in DEFAULT_LM_HEAD:
-        raise ValueError(f"--lm-head applies to --quantize {' or '.join(DEFAULT_LM_HEAD)}, "
-                         f"not {mode}")
+    for flag, value in (("--lm-head", lm_head), ("--zero-point", zero_point)):
+        if value is not None and mode not in DEFAULT_LM_HEAD:
+            raise ValueError(f"{flag} applies to --quantize {' or '.join(DEFAULT_LM_HEAD)}, "
+                             f"not {mode}")
     if mode == "w8a8":
         return w8a8_passes(group_size, method, calibration_samples, tokenizer, vocab, say,
                            max_tokens)
 
     return weight_only_passes(mode, group_size, method, calibration_samples, tokenizer, vocab,
-                              say, lm_head, max_tokens)
+                              say, lm_head, max_tokens, zero_point)
 
 
 def weight_only_passes(mode: str, group_size: int | None, method: str,
                        calibration_samples: int | None, tokenizer: Any, vocab: int,
                        say: Callable[[str], None], lm_head: str | None = None,
-                       max_tokens: int | None = None) -> list:
+                       max_tokens: int | None = None, zero_point: str | None = None) -> list:
     """``[QuantizeWeights]`` for int8 / int4: the mode's width, group size, zero point, LM
     head, and for a calibrated method its calibration sequences (``GPTQ_SAMPLES`` of
     ``calibration.DEFAULT_LENGTH`` tokens unless asked; shorter for a shorter context)."""
@@ -200,7 +203,7 @@ def weight_only_passes(mode: str, group_size: int | None, method: str,
         say(f"calibrating {method} on {text}")
     return [QuantizeWeights(
         bits=bits, block_size=group_size or DEFAULT_GROUP_SIZE.get(mode),
-        zero_point=INT4_ZERO_POINT[method] if bits == 4 else None,
+        zero_point=zero_point or (INT4_ZERO_POINT[method] if bits == 4 else None),
         include_lm_head=lm_head != "fp32",
         lm_head_bits=None if lm_head == "fp32" else int(lm_head.removeprefix("int")),
         method=method, calibration=sequences, calibration_text=text)]

@@ -6,8 +6,8 @@
         [--genai-int4-model DIR] [--llama-python PY]
 
 Systems (keys for ``--systems``): arcompile_default (the shipping engine: fusions and the
-in-place KV cache), arcompile_int8 and arcompile_int4 (the same with ``--quantize int8`` /
-``int4`` at their defaults; each passes its perplexity gate while building, and the figures
+in-place KV cache), arcompile_int8, arcompile_int4 and arcompile_w8a8 (the same with
+``--quantize int8`` / ``int4`` / ``w8a8`` at their defaults; each passes its perplexity gate while building, and the figures
 are in its note), arcompile_attention (the clean-up passes and fuse_attention, the least
 the KV cache accepts), arcompile_cleanup (the preset, no fusions; with the cache if optimize
 gives it one, else uncached, as it ships), arcompile_uncached (the default passes, no
@@ -121,6 +121,10 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
         ("arcompile_int4", "arcompile default + --quantize int4", "int4 weights", "default",
          True, True, {"quantize": "int4"},
          "MatMulNBits 4-bit weights, the default settings of --quantize int4"),
+        ("arcompile_w8a8", "arcompile default + --quantize w8a8", "int8 weights and "
+         "activations", "default", True, True, {"quantize": "w8a8"},
+         "SmoothQuant, static int8 activation scales (MatMulIntegerToFloat), the default "
+         "settings of --quantize w8a8"),
         ("arcompile_attention", "arcompile cleanup + fuse_attention (KV cache)", "fp32",
          PRESETS["cleanup"] + ["fuse_attention"], True, True, {},
          "the smallest pipeline the KV cache accepts: against default, what the other "

@@ -135,3 +135,26 @@ def test_cli_quantization_flags_take_only_known_values(tmp_path, llama_archive):
                 ["--quantize", "int4", "--quant-method", "awq"]):
         with pytest.raises(SystemExit):  # argparse's choices
             main(["optimize", str(llama_archive), "-o", str(tmp_path / "out"), *bad])
+
+
+@pytest.mark.parametrize("zero_point,rule", [("none", "int4_g32_sym"), ("int", "int4_g32_asym"),
+                                             ("float", "int4_g32_fmin")])
+def test_zero_point_option_picks_symmetric_or_asymmetric_int4(tmp_path, zero_point, rule):
+    report = arcompile.optimize(tm.llama(), tmp_path / "q4", quantize="int4", quant_method="rtn",
+                                zero_point=zero_point, log=None)
+    q = report.quantization
+    assert q["settings"]["zero_point"] == zero_point
+    record = next(r for r in report.passes if r.name == "quantize_weights")
+    assert record.counts[rule] == 8  # every linear of the body in that format
+    assert abs(q["perplexity_onnxruntime"] / q["perplexity"] - 1) <= 0.02
+    assert len(arcompile.load(tmp_path / "q4").generate([5, 17, 42], max_new_tokens=3)) == 3
+
+
+def test_zero_point_is_refused_where_it_does_not_apply(tmp_path):
+    with pytest.raises(ArcompileError, match="--zero-point applies to --quantize int8 or int4"):
+        arcompile.optimize(tm.llama(), tmp_path / "w", quantize="w8a8", zero_point="none",
+                           log=None)
+    with pytest.raises(ArcompileError, match="zero_point must be one of none, int, float"):
+        arcompile.optimize(tm.llama(), tmp_path / "w", quantize="int4", zero_point="half",
+                           log=None)
+    assert not (tmp_path / "w").exists()

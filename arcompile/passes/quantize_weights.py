@@ -127,7 +127,7 @@ class QuantizeWeights(Pass):
                              f"zero_point={zero_point!r}")
         self.zero_point = "none" if symmetric else zero_point or DEFAULT_ZERO_POINT[bits]
         if self.zero_point not in ZERO_POINTS:
-            raise ValueError(f"quantize_weights: zero_point must be one of {ZERO_POINTS}, got "
+            raise ValueError(f"quantize_weights: zero_point must be one of {', '.join(ZERO_POINTS)}, got "
                              f"{self.zero_point!r}")
         self.symmetric = self.zero_point == "none"
         self.include_lm_head = include_lm_head
@@ -139,7 +139,7 @@ class QuantizeWeights(Pass):
                              "include_lm_head=True")
         if lm_head_zero_point not in (None, *ZERO_POINTS):
             raise ValueError(f"quantize_weights: lm_head_zero_point must be one of "
-                             f"{ZERO_POINTS}, got {lm_head_zero_point!r}")
+                             f"{', '.join(ZERO_POINTS)}, got {lm_head_zero_point!r}")
         self.lm_head_bits = lm_head_bits or bits
         self.accuracy_level = accuracy_level
         if method not in METHODS:
