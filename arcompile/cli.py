@@ -25,7 +25,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       quantize=args.quantize, group_size=args.group_size,
                       max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
                       calibration_samples=args.calibration_samples, lm_head=args.lm_head,
-                      zero_point=args.zero_point,
+                      zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype,
                       skip=args.skip)
     if args.explain:
         for record in report.passes:
@@ -40,7 +40,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         s = q.get("settings", {})
         detail = (f" ({s['method']}, group {s['block_size']}, zero point "
                   f"{s.get('zero_point', '?')}, LM head {s['lm_head']})" if "lm_head" in s else "")
-        print(f"quantization: {q['mode']}{detail}, perplexity "
+        what = " + ".join(([f"{q['mode']}{detail}"] if q["mode"] else [])
+                          + (["int8 KV cache"] if q.get("kv_cache") else []))
+        print(f"quantization: {what}, perplexity "
               f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
               f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
     if report.manifest.get("skip_ffn"):
@@ -189,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--kv-cache-runtime", choices=("inplace", "concat"), default="inplace",
                    help="inplace (default: GroupQueryAttention writing into buffers bound as "
                         "both past and present) or concat (presents fed back as new arrays)")
+    o.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=None,
+                   help="float32 (default) or int8: the in-place cache stored as int8 with "
+                        "per-channel scales calibrated on calibration text (a quarter of the "
+                        "cache's bytes), held to --max-ppl-increase (default 1%%)")
     o.add_argument("--max-context", type=int, default=None,
                    help="the most tokens (prompt + new) the engine decodes (default: the "
                         "model's max_position_embeddings, else 2048)")
@@ -200,9 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --quantize: weights per scale along K (a power of two >= 16; "
                         "default 32)")
     o.add_argument("--max-ppl-increase", type=_fraction,
-                   help="with --quantize: the most perplexity may rise, e.g. 8%% or 0.08 "
-                        "(default int8 1%%, int4 8%%, w8a8 3%%); beyond it optimize fails "
-                        "with the figures and writes nothing")
+                   help="with --quantize or --kv-cache-dtype int8: the most perplexity may "
+                        "rise, e.g. 8%% or 0.08 (default int8 1%%, int4 8%%, w8a8 3%%, an "
+                        "int8 KV cache 1%%, added when both); beyond it optimize fails with "
+                        "the figures and writes nothing")
     o.add_argument("--quant-method", choices=("rtn", "gptq"), default=None,
                    help="with --quantize int8/int4: rtn (round-to-nearest; the int8 default) "
                         "or gptq (error-corrected on calibration text; the int4 default)")

@@ -70,7 +70,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              max_ppl_increase: float | None = None, quant_method: str | None = None,
              calibration_samples: int | None = None, lm_head: str | None = None,
              zero_point: str | None = None, skip: float | None = None,
-             **options: Any) -> OptimizeReport:
+             kv_cache_dtype: str | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -90,8 +90,11 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     (Q4_1's float minimum): see ``arcompile/quantization.py`` for the defaults. ``skip``: layer-skip
     routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
     (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
-    run-time flag (``generate(skip=...)``, ``speculative="self"``). Unknown options are an
-    error.
+    run-time flag (``generate(skip=...)``, ``speculative="self"``). ``kv_cache_dtype``:
+    ``"float32"`` (default; None is the same) or ``"int8"`` (``passes/quantize_kv_cache.py``:
+    per-channel scales calibrated on calibration text, the in-place runtime only), held to
+    ``max_ppl_increase`` like ``quantize`` (default 1%, added to the mode's when both are
+    asked for; ``quantization.py``). Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
@@ -103,6 +106,19 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         if given:
             raise ArcompileError(f"{', '.join(given)} without quantize (--quantize) does "
                                  f"nothing; pass a --quantize mode")
+    from arcompile.quantization import KV_CACHE_DTYPES
+
+    if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+        raise ArcompileError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
+    kv_int8 = kv_cache_dtype == "int8"
+    if kv_int8 and not kv_cache:
+        raise ArcompileError("--kv-cache-dtype int8 quantizes the KV cache; it cannot go "
+                             "with --no-kv-cache")
+    if kv_int8 and kv_cache_runtime != "inplace":
+        raise ArcompileError(f"--kv-cache-dtype int8 needs the in-place cache runtime "
+                             f"(GroupQueryAttention's int8 cache), not --kv-cache-runtime "
+                             f"{kv_cache_runtime}")
     if kv_cache_runtime not in ("concat", "inplace"):
         raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
     if max_context is not None and int(max_context) < 1:
@@ -137,19 +153,22 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         cache_layout, refused, cache_records = _insert_kv_cache(
             graph, say, kv_cache_runtime, limit, hooks)
         records += cache_records
+        if kv_int8 and cache_layout is None:
+            raise ArcompileError(f"--kv-cache-dtype int8: the KV cache was not inserted, so "
+                                 f"there is none to quantize ({refused}); nothing was written")
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
     extra, validate, quantized = {}, None, None
     if skip is not None:  # layer-skip routing: after the cache, before quantization
         records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks,
                              int(loaded.config.get("max_position_embeddings") or 0) or None)
-    if quantize:
+    if quantize or kv_int8:
         from arcompile import quantization
 
         quant_records, quantized = quantization.quantize(
-            graph, quantize, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
+            graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
             method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
-            zero_point=zero_point,
+            zero_point=zero_point, kv_cache_dtype=kv_cache_dtype,
             max_tokens=int(loaded.config.get("max_position_embeddings") or 0) or None)
         records += quant_records
         extra["quantization"] = quantized
@@ -162,8 +181,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         validate = check_perplexity
     manifest, cache_layout, diff = write_engine(
         graph, output_dir, loaded, records, tokenizer=tok,
-        sample=sample if check_numerics and not quantize else None, refused=refused, log=say,
-        extra=extra, validate=validate)
+        sample=sample if check_numerics and not (quantize or kv_int8) else None,
+        refused=refused, log=say, extra=extra, validate=validate)
     seconds = time.perf_counter() - start
     say(f"wrote {output_dir} in {seconds:.1f} s")
     return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,

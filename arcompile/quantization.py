@@ -24,6 +24,15 @@ keeps it in float; the embedding lookup is never quantized). GPTQ calibrates on
 text, never the held-out text the gate measures; the log and the manifest's ``seconds`` say
 how long calibration and quantization took. The manifest's ``settings`` record the method,
 zero point, LM head format and calibration.
+
+An int8 KV cache (``kv_cache_dtype="int8"``, ``passes/quantize_kv_cache.py``) joins the same
+gate: its pass runs after the mode's (its scales are calibrated on the step that ships, on
+``KV_CALIBRATION_SAMPLES`` sequences of calibration text), alone when no mode is asked for.
+Its default bound is ``DEFAULT_KV_MAX_PPL_INCREASE``, added to the mode's when both run; the
+manifest entry's ``kv_cache`` sub-entry holds its own figures (perplexity before and after
+the cache alone, greedy agreement). The engine's perplexity is checked the same way: ORT
+attends to the dequantized cache as the reference op does, a prompt at once and token by
+token alike, so one prefill of the held-out tokens measures what decoding sees.
 """
 
 from __future__ import annotations
@@ -76,6 +85,18 @@ DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}
 DEFAULT_GROUP_SIZE = {"int8": 32}
 HELD_TOKENS = 512
 LOWERING_PPL_RTOL = 0.02
+# the KV cache: "float32" (as the model computes it) or "int8" (per channel, calibrated)
+KV_CACHE_DTYPES = ("float32", "int8")
+DEFAULT_KV_MAX_PPL_INCREASE = 0.01
+# SmolLM2, ONNX Runtime perplexity on 512 / 2048 held tokens (float cache 12.786 / 12.707),
+# scales from per-channel maxima on calibration sequences of 128 tokens:
+#   8 sequences, rotary pair norms, margin 1.0   12.788 / 12.709   (+0.02% at 2048)
+#   8 sequences, per-channel maxima only         12.946 / 14.128   (+11%: keys past 128
+#                                                                   positions rotate further)
+#   8 sequences, pair norms, margin 1.2          12.798 / 12.724
+#   2 sequences, pair norms, margin 1.0          12.856 / 12.754
+KV_CALIBRATION_SAMPLES = 8
+KV_MARGIN = 1.0
 
 
 def held_ids(tokenizer: Any, vocab: int, count: int = HELD_TOKENS) -> tuple[list[int], str]:
@@ -96,65 +117,129 @@ def graph_logits(graph, ids: list[int]) -> np.ndarray:
     return run_graph(graph, graph_inputs(graph, ids))[0][0].float().numpy()
 
 
-def quantize(graph, mode: str, group_size: int | None, max_ppl_increase: float | None,
+def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: float | None,
              tokenizer: Any, vocab: int, say: Callable[[str], None], hooks: Sequence = (),
              method: str | None = None, calibration_samples: int | None = None,
              max_tokens: int | None = None, lm_head: str | None = None,
-             zero_point: str | None = None) -> tuple[list, dict]:
+             zero_point: str | None = None,
+             kv_cache_dtype: str | None = None) -> tuple[list, dict]:
     """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
+    ``mode`` None: weights stay float (an int8 KV cache alone). ``kv_cache_dtype="int8"``:
+    ``QuantizeKVCache`` after them, inside the same gate.
     ``method``: None for the mode's default (``DEFAULT_METHOD``). ``lm_head``: "fp32",
     "int8" or "int4", None for the mode's default (``DEFAULT_LM_HEAD``). ``zero_point``: "none"
     (symmetric), "int" or "float", None for the method's default (``INT4_ZERO_POINT``). ``max_tokens``: the
     model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
-    from arcompile.profile_measure import perplexity
 
-    if mode not in MODES:
-        raise ArcompileError(f"--quantize {mode!r} is not available in this version "
-                             f"(available: {', '.join(MODES)})")
-    method = method or DEFAULT_METHOD[mode]
-    if method not in METHODS:
-        raise ArcompileError(f"quantization method {method!r} is not one of "
-                             f"{', '.join(METHODS)}")
-    limit = DEFAULT_MAX_PPL_INCREASE[mode] if max_ppl_increase is None else max_ppl_increase
-    try:
-        passes = mode_passes(graph, mode, group_size, method, calibration_samples, tokenizer,
-                             vocab, say, lm_head=lm_head, max_tokens=max_tokens,
-                             zero_point=zero_point)
-    except ValueError as e:
-        raise ArcompileError(str(e)) from None
-    quantizer = passes[-1]  # the mode's last pass quantizes (w8a8: smooth_quant runs first)
+    kv_int8 = kv_cache_dtype == "int8"
+    if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+        raise ArcompileError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
+    if mode is None and not kv_int8:
+        raise ArcompileError("nothing to quantize: pass a --quantize mode or "
+                             "--kv-cache-dtype int8")
+    flags = describe(mode, kv_int8)
+    passes, quantizer, limit = [], None, 0.0
+    if mode is not None:
+        if mode not in MODES:
+            raise ArcompileError(f"--quantize {mode!r} is not available in this version "
+                                 f"(available: {', '.join(MODES)})")
+        method = method or DEFAULT_METHOD[mode]
+        if method not in METHODS:
+            raise ArcompileError(f"quantization method {method!r} is not one of "
+                                 f"{', '.join(METHODS)}")
+        try:
+            passes = mode_passes(graph, mode, group_size, method, calibration_samples,
+                                 tokenizer, vocab, say, lm_head=lm_head,
+                                 max_tokens=max_tokens, zero_point=zero_point)
+        except ValueError as e:
+            raise ArcompileError(str(e)) from None
+        quantizer = passes[-1]  # the mode's last pass quantizes (w8a8: smooth_quant first)
+        limit += DEFAULT_MAX_PPL_INCREASE[mode]
+    if kv_int8:
+        limit += DEFAULT_KV_MAX_PPL_INCREASE
+    limit = limit if max_ppl_increase is None else max_ppl_increase
     ids, text = held_ids(tokenizer, vocab, min(HELD_TOKENS, max_tokens or HELD_TOKENS))
-    say(f"quantizing weights ({mode}), gated at +{limit:.1%} perplexity on {len(ids)} tokens "
-        f"of {text}")
+    what = " and ".join(([f"weights ({mode})"] if mode else []) + (["the KV cache (int8)"]
+                                                                   if kv_int8 else []))
+    say(f"quantizing {what}, gated at +{limit:.1%} perplexity on {len(ids)} tokens of {text}")
     before = graph_logits(graph, ids)
-    records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks],
-                          log=say).run(graph)
-    timings = dict(getattr(quantizer, "timings", None) or {})  # seconds, weight-only modes
-    if "calibration" in timings:
-        say(f"  calibration {timings['calibration']:.1f} s, {quantizer.method} "
-            f"{timings['quantization']:.1f} s")
-    after = graph_logits(graph, ids)
-    ppl_before, ppl_after = perplexity(before, ids), perplexity(after, ids)
-    increase = ppl_after / ppl_before - 1
-    agreement = float(np.mean(before.argmax(-1) == after.argmax(-1)))
+    records, timings, after = [], {}, before
+    if passes:
+        records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks],
+                              log=say).run(graph)
+        timings = dict(getattr(quantizer, "timings", None) or {})  # weight-only modes
+        if "calibration" in timings:
+            say(f"  calibration {timings['calibration']:.1f} s, {quantizer.method} "
+                f"{timings['quantization']:.1f} s")
+        if not records[len(passes) - 1].counts:
+            raise ArcompileError(f"--quantize {mode}: no linear was quantized: "
+                                 + "; ".join(records[len(passes) - 1].notes[:3]))
+        after = graph_logits(graph, ids)
+    kv_entry = None
+    if kv_int8:  # after the weights: its scales are those of the step that ships
+        weights_only = after
+        kv_pass = kv_cache_passes(tokenizer, vocab, say, max_tokens)
+        kv_records = PassManager(kv_pass, [VerifyHook(), *hooks], log=say).run(graph)
+        if not kv_records[0].counts:
+            raise ArcompileError("--kv-cache-dtype int8: the cache was not quantized: "
+                                 + "; ".join(kv_records[0].notes[:3]))
+        records += kv_records
+        after = graph_logits(graph, ids)
+        kv_before, kv_after, kv_increase, kv_agreement = _figures(weights_only, after, ids)
+        kv_entry = {"kv_cache_dtype": "int8", "settings": kv_pass[0].settings(),
+                    "perplexity_before": kv_before, "perplexity_after": kv_after,
+                    "perplexity_increase": kv_increase, "greedy_agreement": kv_agreement}
+        if mode is not None:
+            say(f"  the int8 KV cache alone: perplexity {kv_entry['perplexity_before']:.3f} -> "
+                f"{kv_entry['perplexity_after']:.3f} ({kv_entry['perplexity_increase']:+.2%})")
+    ppl_before, ppl_after, increase, agreement = _figures(before, after, ids)
     say(f"  perplexity {ppl_before:.3f} -> {ppl_after:.3f} ({increase:+.2%}), greedy "
         f"agreement with the unquantized graph {agreement:.1%}")
-    if not records[len(passes) - 1].counts:
-        raise ArcompileError(f"--quantize {mode}: no linear was quantized: "
-                             + "; ".join(records[len(passes) - 1].notes[:3]))
     if not increase <= limit:
+        hint = ("Try int8, a smaller --group-size, or allow more with --max-ppl-increase"
+                if mode else "Keep the float cache, or allow more with --max-ppl-increase")
         raise ArcompileError(
-            f"--quantize {mode}: perplexity rose from {ppl_before:.3f} to {ppl_after:.3f} "
+            f"{flags}: perplexity rose from {ppl_before:.3f} to {ppl_after:.3f} "
             f"({increase:+.2%}) on {len(ids)} tokens of {text}, beyond --max-ppl-increase "
-            f"{limit:.2%} (greedy agreement {agreement:.1%}); nothing was written. Try int8, "
-            f"a smaller --group-size, or allow more with --max-ppl-increase")
-    return records, {"mode": mode, "settings": quantizer.settings(), "text": text,
-                     "tokens": len(ids), "perplexity_unquantized": ppl_before,
+            f"{limit:.2%} (greedy agreement {agreement:.1%}); nothing was written. {hint}")
+    return records, {"mode": mode, "settings": quantizer.settings() if quantizer else {},
+                     "text": text, "tokens": len(ids), "perplexity_unquantized": ppl_before,
                      "perplexity": ppl_after, "perplexity_increase": increase,
                      "max_ppl_increase": limit, "greedy_agreement": agreement,
+                     **({"kv_cache": kv_entry} if kv_entry else {}),
                      **({"seconds": timings} if timings else {}), "_ids": ids}
+
+
+def describe(mode: str | None, kv_int8: bool) -> str:
+    """The flags that asked for this quantization, for messages."""
+    return " ".join(([f"--quantize {mode}"] if mode else [])
+                    + (["--kv-cache-dtype int8"] if kv_int8 else []))
+
+
+def _figures(before: np.ndarray, after: np.ndarray, ids: list[int]) -> tuple[float, ...]:
+    """(perplexity before, after, relative increase, greedy agreement) of two [T, V] logits."""
+    from arcompile.profile_measure import perplexity
+
+    ppl_before, ppl_after = perplexity(before, ids), perplexity(after, ids)
+    return (ppl_before, ppl_after, ppl_after / ppl_before - 1,
+            float(np.mean(before.argmax(-1) == after.argmax(-1))))
+
+
+def kv_cache_passes(tokenizer: Any, vocab: int, say: Callable[[str], None],
+                    max_tokens: int | None = None) -> list:
+    """``[QuantizeKVCache]`` calibrated on ``KV_CALIBRATION_SAMPLES`` sequences of
+    ``calibration.DEFAULT_LENGTH`` tokens (shorter for a shorter context)."""
+    from arcompile import calibration
+    from arcompile.passes.quantize_kv_cache import QuantizeKVCache
+
+    sequences, text = calibration.calibration_ids(
+        tokenizer, vocab, KV_CALIBRATION_SAMPLES,
+        min(calibration.DEFAULT_LENGTH, max_tokens or calibration.DEFAULT_LENGTH))
+    say(f"calibrating the int8 KV cache on {text}")
+    return [QuantizeKVCache(sequences, margin=KV_MARGIN, calibration_text=text)]
 
 
 def mode_passes(graph, mode: str, group_size: int | None, method: str,
@@ -261,7 +346,8 @@ def check_engine(folder: Path, info: dict) -> float:
     increase = got / info["perplexity_unquantized"] - 1
     if not increase <= info["max_ppl_increase"]:  # the gate, on the engine that ships
         raise ArcompileError(
-            f"--quantize {info['mode']}: the ONNX Runtime engine's perplexity rose from "
-            f"{info['perplexity_unquantized']:.3f} to {got:.3f} ({increase:+.2%}), beyond "
+            f"{describe(info['mode'], 'kv_cache' in info)}: the ONNX Runtime engine's "
+            f"perplexity rose from {info['perplexity_unquantized']:.3f} to {got:.3f} "
+            f"({increase:+.2%}), beyond "
             f"--max-ppl-increase {info['max_ppl_increase']:.2%}; nothing was written")
     return gap

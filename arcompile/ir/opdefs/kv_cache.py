@@ -13,7 +13,8 @@ The concatenation is the reference semantics only; a runtime may keep a prealloc
 and write the new rows in place.
 
 ``arc.attention_cached_packed`` (``passes/pack_attention.py``) is the same attention taken
-on the [B, L, n*D] projections, rotary folded in; see the comment above it below.
+on the [B, L, n*D] projections, rotary folded in; see the comment above it below. With
+``kv_quant`` (``passes/quantize_kv_cache.py``) its cache is int8.
 """
 
 from __future__ import annotations
@@ -47,12 +48,39 @@ def attention_cached(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 #   q, k    = arc.rope(q, cos, sin; rotary_dim, interleaved)    (when rotary_dim > 0)
 #   out, present_key, present_value = arc.attention_cached(q, k, v, past_key, past_value)
 #   out_BTX = out.transpose(1, 2).reshape(B, T, H*D)
+#
+# With kv_quant="per_channel" (``passes/quantize_kv_cache.py``) two more inputs come last,
+# k_scale and v_scale, float [1, Hkv, 1, D], and past_key/past_value and the presents are int8
+# codes. What ONNX Runtime 1.32's CPU GroupQueryAttention computes (k_quant_type PER_CHANNEL,
+# kv_cache_bit_width 8; tests/test_quantize_kv_cache.py holds the op to it on random tensors:
+# codes bit-exact, ties to even, -128 kept):
+#   key_q   = clamp(round_half_even(key / k_scale), -128, 127).to(int8)   # key after rotary
+#   present_key = cat(past_key, key_q, dim=2); present_value likewise with v_scale
+#   out = arc.attention(query, present_key * k_scale, present_value * v_scale)
+# i.e. the new tokens attend to their own keys and values dequantized too, so a prompt run
+# at once and the same tokens decoded one by one see the same cache.
+KV_QUANTS = ("per_channel",)
+KV_QMIN, KV_QMAX = -128, 127
+
+
+def quantize_kv(x_BHkvTD: torch.Tensor, scale_1Hkv1D: torch.Tensor) -> torch.Tensor:
+    """int8 codes of ``x`` as the cache stores them (round half to even, saturating)."""
+    return torch.round(x_BHkvTD / scale_1Hkv1D).clamp(KV_QMIN, KV_QMAX).to(torch.int8)
+
+
 @register("arc.attention_cached_packed")
 def attention_cached_packed(*inputs: torch.Tensor, num_heads: int, num_kv_heads: int,
                             head_dim: int, packed: bool, rotary_dim: int = 0,
-                            rotary_interleaved: bool = False, **attrs) -> list[torch.Tensor]:
+                            rotary_interleaved: bool = False, kv_quant: str | None = None,
+                            **attrs) -> list[torch.Tensor]:
     from arcompile.ir.opdefs.rope import rope
 
+    scales = None
+    if kv_quant is not None:
+        if kv_quant not in KV_QUANTS:
+            raise ValueError(f"kv_quant {kv_quant!r} is not one of {', '.join(KV_QUANTS)}")
+        *inputs, k_scale, v_scale = inputs
+        scales = (k_scale.float(), v_scale.float())
     if packed:
         qkv, *rest = inputs
         q, k, v = torch.split(qkv, [num_heads * head_dim, num_kv_heads * head_dim,
@@ -72,9 +100,17 @@ def attention_cached_packed(*inputs: torch.Tensor, num_heads: int, num_kv_heads:
         cos, sin = (_rotary_rows(c[pos], rotary_interleaved) for c in (cos_cache, sin_cache))
         query, key = (rope(x, cos.to(x.dtype), sin.to(x.dtype), rotary_dim=rotary_dim,
                            interleaved=rotary_interleaved) for x in (query, key))
-    out, present_key, present_value = attention_cached(
-        query, key, value, past_key, past_value, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, **attrs)
+    if scales is not None:  # int8 cache: store codes, attend to them dequantized
+        k_scale, v_scale = scales
+        present_key = torch.cat((past_key, quantize_kv(key, k_scale)), dim=2)
+        present_value = torch.cat((past_value, quantize_kv(value, v_scale)), dim=2)
+        out = attention(query, present_key.to(query.dtype) * k_scale,
+                        present_value.to(query.dtype) * v_scale, num_heads=num_heads,
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, **attrs)
+    else:
+        out, present_key, present_value = attention_cached(
+            query, key, value, past_key, past_value, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, **attrs)
     return [out.transpose(1, 2).reshape(batch, length, num_heads * head_dim),
             present_key, present_value]
 

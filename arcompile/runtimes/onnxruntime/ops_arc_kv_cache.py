@@ -26,6 +26,12 @@ node, as ONNX Runtime GenAI's models run it::
         [, cos_cache, sin_cache; do_rotary=1, rotary_interleaved])      (packed q|k|v)
     ... GroupQueryAttention(q, k, v, past_key, ...)                     (separate)
 
+With ``kv_quant="per_channel"`` (``passes/quantize_kv_cache.py``) the buffers are int8 and
+the op's last two inputs, k_scale / v_scale [1, Hkv, 1, D], go to GroupQueryAttention's
+k_scale / v_scale (inputs 12 and 13, after the five optional cos_cache, sin_cache,
+position_ids, attention_bias, head_sink slots) with ``k_quant_type = v_quant_type =
+"PER_CHANNEL"`` and ``kv_cache_bit_width = 8``.
+
 GroupQueryAttention's rotary rotates q and k at positions ``seqlens_k + 1 - L + i`` =
 ``P + i``, the positions the pass proved the rope used. ORT 1.32's CPU kernel takes a partial
 rotary when ``cos_cache`` is [rows, rot/2] with rot/2 a multiple of 8 (the pass checks).
@@ -103,11 +109,17 @@ def arc_attention_cached_packed(ctx: LowerContext, node: Node) -> list[str]:
         raise UnsupportedOpError("arc.attention_cached_packed lowers to GroupQueryAttention "
                                  "over in-place cache buffers only (runtime_cache 'inplace')")
     a = node.attrs
+    operands = list(node.inputs)
+    scales = operands[-2:] if a.get("kv_quant") else []
+    if scales:
+        del operands[-2:]
+        if a["kv_quant"] != "per_channel":
+            raise UnsupportedOpError(f"kv_quant {a['kv_quant']!r}: only 'per_channel' lowers")
     if a["packed"]:  # q|k|v in one tensor: GQA's packed query, key and value left empty
-        qkv, past_key, past_value, *rotary = node.inputs
+        qkv, past_key, past_value, *rotary = operands
         qkv_names = [ctx.name(qkv), "", ""]
     else:
-        q, k, v, past_key, past_value, *rotary = node.inputs
+        q, k, v, past_key, past_value, *rotary = operands
         qkv_names = [ctx.name(q), ctx.name(k), ctx.name(v)]
     past_length = next(v for v in ctx.graph.inputs if v.name == layout["past_length"])
     seqlens_k, total = ctx.once(("gqa_lengths",), lambda: _lengths(ctx, past_length))
@@ -118,4 +130,8 @@ def arc_attention_cached_packed(ctx: LowerContext, node: Node) -> list[str]:
         _past_length, cos_cache, sin_cache = rotary  # positions: P + i, from seqlens_k
         inputs += [ctx.name(cos_cache), ctx.name(sin_cache)]
         attrs.update(do_rotary=1, rotary_interleaved=int(a["rotary_interleaved"]))
+    if scales:  # slots 7..11: cos/sin (when rotary), position_ids, attention_bias, head_sink
+        inputs += [""] * (12 - len(inputs)) + [ctx.name(s) for s in scales]
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL",
+                     kv_cache_bit_width=8)
     return ctx.op("GroupQueryAttention", inputs, outputs=3, domain="com.microsoft", **attrs)
