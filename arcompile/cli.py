@@ -22,11 +22,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
                       check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
                       kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
-                      quantize=args.quantize, group_size=args.group_size,
-                      max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
-                      calibration_samples=args.calibration_samples, lm_head=args.lm_head,
-                      zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype,
-                      skip=args.skip)
+                      **transform_options(args))
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -142,7 +138,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                      output_dir=args.output, prompt_tokens=args.prompt_tokens,
                      decode_tokens=args.decode_tokens, agreement_tokens=args.agreement_tokens,
                      held_tokens=args.held_tokens, repeats=args.repeats, threads=args.threads,
-                     log=_log)
+                     log=_log, **{k: v for k, v in transform_options(args).items()
+                                  if v is not None})
     print(format_table(report))
     if format_modes(report):
         print("\n" + format_modes(report))
@@ -161,6 +158,54 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(inspect_path(args.target, show_constants=args.constants, limit=args.limit,
                        passes=args.passes, log=_log))
     return 0
+
+
+def add_transform_options(p: argparse.ArgumentParser) -> None:
+    """The options of optimize that change what the engine computes (quantization, the int8
+    KV cache, layer-skip routing); ``profile`` takes them too."""
+    p.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=None,
+                   help="float32 (default) or int8: the in-place cache stored as int8 with "
+                        "per-channel scales calibrated on calibration text (a quarter of the "
+                        "cache's bytes), held to --max-ppl-increase (default 1%%)")
+    p.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
+                   help="quantize linear weights (int8 / int4: MatMulNBits weights; w8a8: "
+                        "SmoothQuant, int8 weights and statically calibrated int8 "
+                        "activations, Q/DQ), held to --max-ppl-increase on held-out text")
+    p.add_argument("--group-size", type=int,
+                   help="with --quantize: weights per scale along K (a power of two >= 16; "
+                        "default 32)")
+    p.add_argument("--max-ppl-increase", type=_fraction,
+                   help="with --quantize or --kv-cache-dtype int8: the most perplexity may "
+                        "rise, e.g. 8%% or 0.08 (default int8 1%%, int4 8%%, w8a8 3%%, an "
+                        "int8 KV cache 1%%, added when both); beyond it optimize fails with "
+                        "the figures and writes nothing")
+    p.add_argument("--quant-method", choices=("rtn", "gptq"), default=None,
+                   help="with --quantize int8/int4: rtn (round-to-nearest; the int8 default) "
+                        "or gptq (error-corrected on calibration text; the int4 default)")
+    p.add_argument("--calibration-samples", type=int, default=None,
+                   help="with gptq or w8a8: sequences of 128 tokens of calibration text "
+                        "(pydoc_data, never the held-out text; default gptq 64, w8a8 16)")
+    p.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default=None,
+                   help="with --quantize int8/int4: the LM head's weights (default int4 "
+                        "for int4 with gptq, else int8; the embedding lookup stays fp32)")
+    p.add_argument("--zero-point", choices=("none", "int", "float"), default=None,
+                   help="with --quantize int8/int4: none (symmetric), int (asymmetric, "
+                        "MatMulNBits' integer zero point; int4 gptq's default) or float "
+                        "(a float minimum per block, as llama.cpp's Q4_1; int4 rtn's "
+                        "default)")
+    p.add_argument("--skip", type=_skip_fraction, metavar="FRACTION",
+                   help="layer-skip routing: rank the feed-forward blocks by how much "
+                        "skipping each raises the loss on calibration text, and skip this "
+                        "fraction of them in the lossy mode (e.g. 0.25 or 25%%); every block "
+                        "gets a run-time flag (`run --skip`, `run --speculative self`)")
+
+
+def transform_options(args: argparse.Namespace) -> dict:
+    """``add_transform_options``' values as optimize's / profile's keyword arguments."""
+    return dict(quantize=args.quantize, group_size=args.group_size,
+                max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
+                calibration_samples=args.calibration_samples, lm_head=args.lm_head,
+                zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,44 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--kv-cache-runtime", choices=("inplace", "concat"), default="inplace",
                    help="inplace (default: GroupQueryAttention writing into buffers bound as "
                         "both past and present) or concat (presents fed back as new arrays)")
-    o.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=None,
-                   help="float32 (default) or int8: the in-place cache stored as int8 with "
-                        "per-channel scales calibrated on calibration text (a quarter of the "
-                        "cache's bytes), held to --max-ppl-increase (default 1%%)")
     o.add_argument("--max-context", type=int, default=None,
                    help="the most tokens (prompt + new) the engine decodes (default: the "
-                        "model's max_position_embeddings, else 2048)")
-    o.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
-                   help="quantize linear weights (int8 / int4: MatMulNBits weights; w8a8: "
-                        "SmoothQuant, int8 weights and statically calibrated int8 "
-                        "activations, Q/DQ), held to --max-ppl-increase on held-out text")
-    o.add_argument("--group-size", type=int,
-                   help="with --quantize: weights per scale along K (a power of two >= 16; "
-                        "default 32)")
-    o.add_argument("--max-ppl-increase", type=_fraction,
-                   help="with --quantize or --kv-cache-dtype int8: the most perplexity may "
-                        "rise, e.g. 8%% or 0.08 (default int8 1%%, int4 8%%, w8a8 3%%, an "
-                        "int8 KV cache 1%%, added when both); beyond it optimize fails with "
-                        "the figures and writes nothing")
-    o.add_argument("--quant-method", choices=("rtn", "gptq"), default=None,
-                   help="with --quantize int8/int4: rtn (round-to-nearest; the int8 default) "
-                        "or gptq (error-corrected on calibration text; the int4 default)")
-    o.add_argument("--calibration-samples", type=int, default=None,
-                   help="with gptq or w8a8: sequences of 128 tokens of calibration text "
-                        "(pydoc_data, never the held-out text; default gptq 64, w8a8 16)")
-    o.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default=None,
-                   help="with --quantize int8/int4: the LM head's weights (default int4 "
-                        "for int4 with gptq, else int8; the embedding lookup stays fp32)")
-    o.add_argument("--zero-point", choices=("none", "int", "float"), default=None,
-                   help="with --quantize int8/int4: none (symmetric), int (asymmetric, "
-                        "MatMulNBits' integer zero point; int4 gptq's default) or float "
-                        "(a float minimum per block, as llama.cpp's Q4_1; int4 rtn's "
-                        "default)")
-    o.add_argument("--skip", type=_skip_fraction, metavar="FRACTION",
-                   help="layer-skip routing: rank the feed-forward blocks by how much "
-                        "skipping each raises the loss on calibration text, and skip this "
-                        "fraction of them in the lossy mode (e.g. 0.25 or 25%%); every block "
-                        "gets a run-time flag (`run --skip`, `run --speculative self`)")
+                        "model's max_position_embeddings, else 2048; at most the rows of a "
+                        "learned position table)")
+    add_transform_options(o)
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")
@@ -283,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out tokens for perplexity (512)")
     f.add_argument("--repeats", type=int, default=3, help="prefill timings per row (median)")
     f.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    add_transform_options(f)
     f.set_defaults(func=cmd_profile)
 
     i = sub.add_parser("inspect", help="print a model's IR or an engine's manifest")

@@ -80,7 +80,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     [B, Hkv, capacity, D] buffers the engine allocates per call, bound as both past and
     present) or ``"concat"`` (presents are new arrays fed back; copies the cache every step).
     ``max_context``: the most tokens (prompt + new) an engine decodes; defaults to the
-    model's ``max_position_embeddings``, else 2048. ``hooks``: more pass-manager hooks, run
+    model's ``max_position_embeddings``, else 2048, and never beyond the rows of a learned
+    position table (``_position_table``). ``hooks``: more pass-manager hooks, run
     after every pass (``arcompile profile`` measures with one). ``quantize``: ``"int8"`` or
     ``"int4"`` weights (``group_size``: block size along K), held to ``max_ppl_increase``
     (relative perplexity on held-out text; default int8 1%, int4 8%); ``quant_method``:
@@ -153,15 +154,25 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         cache_layout, refused, cache_records = _insert_kv_cache(
             graph, say, kv_cache_runtime, limit, hooks)
         records += cache_records
+        table = _position_table(graph)
+        if cache_layout is not None and table is not None and table[0] < limit:
+            if max_context is not None:
+                raise ArcompileError(f"--max-context {max_context} is beyond the model's "
+                                     f"{table[0]} positions (the position table {table[1]})")
+            limit = cache_layout["max_context"] = graph.meta["kv_cache"]["max_context"] = table[0]
+            say(f"  max context {limit}: the rows of the position table {table[1]}")
         if kv_int8 and cache_layout is None:
             raise ArcompileError(f"--kv-cache-dtype int8: the KV cache was not inserted, so "
                                  f"there is none to quantize ({refused}); nothing was written")
 
     tok = _tokenizer(loaded.tokenizer, tokenizer)
     extra, validate, quantized = {}, None, None
+    # the most tokens the model takes: calibration and held-out measurements stay within it
+    context = (int(cache_layout["max_context"]) if cache_layout is not None
+               else int(max_context or loaded.config.get("max_position_embeddings") or 0)
+               or None)
     if skip is not None:  # layer-skip routing: after the cache, before quantization
-        records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks,
-                             int(loaded.config.get("max_position_embeddings") or 0) or None)
+        records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
     if quantize or kv_int8:
         from arcompile import quantization
 
@@ -169,7 +180,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
             method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
             zero_point=zero_point, kv_cache_dtype=kv_cache_dtype,
-            max_tokens=int(loaded.config.get("max_position_embeddings") or 0) or None)
+            max_tokens=context)
         records += quant_records
         extra["quantization"] = quantized
 
@@ -263,6 +274,27 @@ def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_
     reason = "; ".join(records[0].notes) or "insert_kv_cache: refused (no reason given)"
     say(f"  KV cache not inserted, the engine is uncached: {reason}")
     return None, reason, records
+
+
+def _position_table(graph) -> tuple[int, str] | None:
+    """(rows, where) of the smallest constant table that the cached step indexes with values
+    computed from ``past_length`` (learned position embeddings, OPT's offset positions):
+    the model has no position beyond it. None when there is none (rotary, computed tables)."""
+    layout = graph.meta.get("kv_cache") or {}
+    past = next((v for v in graph.inputs if v.name == layout.get("past_length")), None)
+    if past is None:
+        return None
+    reach, stack = {past}, [past]  # every value computed from past_length
+    while stack:
+        for node, _ in stack.pop().uses():
+            for out in node.outputs:
+                if out not in reach:
+                    reach.add(out)
+                    stack.append(out)
+    tables = [(n.arg("weight").shape[0], n.where()) for n in graph.nodes()
+              if n.op == "aten.embedding" and n.arg("indices") in reach
+              and n.arg("weight").is_constant and isinstance(n.arg("weight").shape[0], int)]
+    return min(tables) if tables else None
 
 
 def _skip_ffn(graph, budget: float, tokenizer: Any, vocab: int, say: Callable[[str], None],

@@ -74,7 +74,8 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
         if n < 2:
             raise ArcompileError(f"{name} must be at least 2, got {n}")
     total_rows = (len(build_pipeline(passes)) + 1 + (4 if kv_cache else 0)
-                  + (2 if quantization.get("quantize") else 0)
+                  + {None: 0, "w8a8": 3}.get(quantization.get("quantize"), 2)
+                  + (1 if quantization.get("kv_cache_dtype") == "int8" else 0)
                   + (1 if quantization.get("skip") else 0))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, log=say)
     say("computing the eager PyTorch reference")

@@ -84,3 +84,35 @@ def test_bad_settings_are_clear_errors(tmp_path):
         profile(tm.nanogpt(), decode_tokens=1, log=None)
     assert main(["profile", "missing.pt", "--json", str(tmp_path / "x.json")]) == 2
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_profile_takes_the_quantization_and_skip_options(tmp_path, capsys):
+    """`profile --quantize int8 --kv-cache-dtype int8 --skip 0.5`: the quantizing passes and
+    the routing get rows of their own, the gate's figures go into the report, and the
+    decoding-modes table measures the lossy and self-speculative modes."""
+    source = tm.trace_torchscript(tm.gpt2(), tmp_path / "gpt2.pt")
+    code = main(["profile", str(source), "--json", str(tmp_path / "p.json"), "--quantize",
+                 "int8", "--kv-cache-dtype", "int8", "--skip", "0.5", *SMALL])
+    assert code == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    names = [r["pass"] for r in report["rows"]]
+    assert names[-4:] == ["skip_ffn", "quantize_weights", "dce", "quantize_kv_cache"]
+    q = report["quantization"]
+    assert q["mode"] == "int8" and 0 <= q["greedy_agreement"] <= 1 and q["perplexity"] > 0
+    assert q["kv_cache"]["kv_cache_dtype"] == "int8"
+    last = report["rows"][-1]
+    assert last["spec_self_identical"] is True and last["skip_blocks"] == 1
+    assert "self tok/s" in capsys.readouterr().out
+
+
+def test_learned_position_table_caps_the_context(tmp_path):
+    """A TorchScript GPT-2 carries no config: its 128-row position table bounds the engine's
+    context, and asking for more is refused."""
+    import arcompile
+
+    source = tm.trace_torchscript(tm.gpt2(), tmp_path / "gpt2.pt")
+    report = arcompile.optimize(str(source), tmp_path / "e", log=None)
+    assert report.manifest["kv_cache"]["max_context"] == 128
+    with pytest.raises(ArcompileError, match="beyond the model's 128 positions"):
+        arcompile.optimize(str(source), tmp_path / "f", max_context=256, log=None)
+    assert not (tmp_path / "f").exists()
