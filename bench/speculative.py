@@ -229,8 +229,8 @@ def main() -> None:
             "routing_overhead": routing,
             "drafter_sweep": sweep,
             "lossy": lossy_rows,
-            "machine": {"note": "shared machine (other jobs running; run under nice -n 19): "
-                                "compare ratios within this run, not absolute times",
+            "machine": {"note": "compare ratios within this run, not absolute times; the "
+                                "load averages say how busy the machine was",
                         "load_average_start": load_start, "load_average_end": os.getloadavg(),
                         "cpus": os.cpu_count(), "python": platform.python_version(),
                         "processor": platform.processor() or platform.machine()},
