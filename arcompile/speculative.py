@@ -36,14 +36,11 @@ What pays depends on the costs: a round costs the drafter's steps plus one verif
 accepted drafts plus one. Skipping feed-forward blocks saves at most their share of a step
 (about 60% of it, all 30 blocks), while SmolLM2's predictions move fast as blocks go (73% of
 drafts accepted with 3 blocks skipped, 57% with 8, 20% with 15), so the skipped-block drafter
-stays below plain greedy there (0.92x at best, bench/results/speculative.json). The n-gram
-lookup (free drafts) is faster than plain greedy (1.9x). An int4 build of the same model as
-the drafter is not (0.85x, ~97% accepted), although its step alone costs ~0.4 of fp32's:
-two ONNX Runtime sessions then alternate, each with its own thread pool, whose spinning
-threads compete for the same cores. Measured once on a busy machine with spinning off in
-both sessions, int4-drafted decoding took 1.52 s against plain decoding's 1.80 s for 96
-tokens; but on a quiet machine spinning makes a single session's steps ~1.4x faster
-(SmolLM2 int4 3.5 against 4.9 ms), so the sessions keep ONNX Runtime's default.
+stays below plain greedy there (0.99x at best, bench/results/speculative.json). The n-gram
+lookup (free drafts, 1.8x) and an int4 build of the same model as the drafter (1.4x, ~97%
+accepted; its step costs ~0.4 of fp32's), and both together (1.9x), are faster than plain
+greedy. The two engines' ONNX Runtime sessions take turns, which pays only because their
+thread pools stop spinning when a run ends (``runtimes/onnxruntime/session.py``).
 
 Batch 1 and greedy only; ``Engine.generate(..., speculative=...)`` is the entry point.
 """
