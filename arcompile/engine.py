@@ -61,6 +61,9 @@ class Engine:
         self._cache: dict | None = self.manifest.get("kv_cache")
         self._inplace = None  # the in-place step (runtime_cache "inplace"), else None
         self._skip: dict | None = self.manifest.get("skip_ffn")  # layer-skip routing, or None
+        # its flags input with no flag set (the full model), fed when a step sets none
+        self._skip_off: dict = ({} if self._skip is None else
+                                {self._skip["input"]: np.zeros(len(self._skip["blocks"]), bool)})
         self.speculation: dict | None = None  # the last speculative decode's figures
         if self._cache is not None:
             self._output = self._cache["logits"]
@@ -77,7 +80,7 @@ class Engine:
                                             self._cache["past_length"], self._output,
                                             self._past_names, self._present_names,
                                             int(self._cache["max_context"]), self._keep,
-                                            self._skip_defaults())
+                                            self._skip_off)
 
     @property
     def kv_cache(self) -> bool:
@@ -125,22 +128,16 @@ class Engine:
         """One cached step: logits of the new tokens (the last ``keep``; 0: all, and all
         when the engine cannot keep fewer) and the presents (the next pasts). ``skip``: the
         layer-skip flags (bool [N]); None runs every block."""
-        extra = {self._skip["input"]: skip} if skip is not None else self._skip_defaults()
-        if self._inplace is not None:
+        extra = {self._skip["input"]: skip} if skip is not None else None
+        if self._inplace is not None:  # binds the flags off itself when extra is None
             return self._inplace(ids, past_length, pasts, keep, extra)
         feed = {self._input: ids, self._cache["past_length"]: np.array(past_length, np.int64)}
         if self._keep is not None:
             feed[self._keep] = np.array(keep, np.int64)
-        feed.update(extra or {})
+        feed.update(extra or self._skip_off)
         feed.update(zip(self._past_names, pasts))
         outs = self._session.run([self._output, *self._present_names], feed)
         return outs[0], outs[1:]
-
-    def _skip_defaults(self) -> dict:
-        """The layer-skip flags input, none set (the full model), when the engine has one."""
-        if self._skip is None:
-            return {}
-        return {self._skip["input"]: np.zeros(len(self._skip["blocks"]), dtype=bool)}
 
     @property
     def skip_routing(self) -> dict | None:

@@ -1,5 +1,6 @@
-"""The linears the W8A8 passes (``smooth_quant``, ``quantize_w8a8``) work on, the weight edits
-they make, and the activation statistics they calibrate with. Not a pass.
+"""The linears the quantizing passes work on (``smooth_quant``, ``quantize_w8a8``; the input
+checks, LM-head test and gated-MLP rewrite ``quantize_weights`` shares with them), the weight
+edits they make, and the activation statistics they calibrate with. Not a pass.
 
 A linear is found in the forms the fusions leave (the same forms ``quantize_weights`` takes):
 
@@ -170,6 +171,61 @@ def is_lm_head(graph: Graph, node: Node, weight: Value) -> bool:
             return False
         out = uses[0][0].outputs[0]
     return True
+
+
+def check_input(x: Value, K: int) -> Match:
+    """A float32 input whose last dim is the weight's K."""
+    m = Match()
+    if x.dtype != torch.float32:
+        return m.fail(f"its input %{x.name} is {x.dtype}, not float32")
+    if not x.shape or x.shape[-1] != K:
+        return m.fail(f"its input %{x.name} {x.shape} does not end in K={K}")
+    return m.ok()
+
+
+# -- rewrites ------------------------------------------------------------------------------
+def split_last(graph: Graph, node: Node, y: Value, sizes: list[int], names: list[str],
+               origin: str) -> list[Value]:
+    """``aten.split_with_sizes(y, sizes, -1)``, outputs named ``<name>_q``."""
+    lead = tuple(y.shape[:-1])
+    return list(graph.add_op("aten.split_with_sizes",
+                             {"self": y, "split_sizes": sizes, "dim": -1},
+                             [(y.dtype, lead + (s,)) for s in sizes], module=node.module,
+                             origin=origin, names=[f"{n}_q" for n in names]).outputs)
+
+
+def rewrite_gated_mlp(graph: Graph, node: Node, x: Value, biases: tuple, inner: int,
+                      origin: str, linear) -> None:
+    """Replace the arc.gated_mlp ``node`` by ``down(act(gate) * up)`` with gate and up as one
+    ``[2I, K]`` product then a split; ``linear(x, bias, shape, name, part)`` builds a product
+    (``part`` "gate_up" or "down"). ``biases``: (gate, up, down), each a constant or None."""
+    b_gate, b_up, b_down = biases
+    module = node.module
+    b_gate_up = None
+    if b_gate is not None or b_up is not None:
+        zeros = torch.zeros(inner)
+        b_gate_up = graph.add_constant(
+            torch.cat([b_gate.data if b_gate is not None else zeros,
+                       b_up.data if b_up is not None else zeros]),
+            name=f"{node.output.name}_gate_up_bias", module=module, origin=origin)
+    lead, base = tuple(x.shape[:-1]), node.output.name
+    gu = linear(x, b_gate_up, lead + (2 * inner,), f"{base}_gate_up", "gate_up")
+    g, u = split_last(graph, node, gu, [inner, inner], [f"{base}_gate", f"{base}_up"], origin)
+    activation = node.attrs["activation"]
+    if activation == "silu":
+        act = graph.add_op("aten.silu", {"self": g}, [(g.dtype, g.shape)], module=module,
+                           origin=origin, names=[f"{base}_act"]).output
+    else:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        act = graph.add_op("aten.gelu", {"self": g, "approximate": approximate},
+                           [(g.dtype, g.shape)], module=module, origin=origin,
+                           names=[f"{base}_act"]).output
+    hidden = graph.add_op("aten.mul.Tensor", {"self": act, "other": u}, [(g.dtype, g.shape)],
+                          module=module, origin=origin, names=[f"{base}_hidden"]).output
+    out = node.output
+    y = linear(hidden, b_down, out.shape, f"{base}_down", "down")
+    out.replace_all_uses_with(y)
+    graph.remove_node(node)
 
 
 # -- weight edits ------------------------------------------------------------------------

@@ -66,7 +66,8 @@ import torch
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.linear_sites import (AbsStats, LINEARS, WeightRef, as_linear,
-                                           check_weight, gated_hidden, gated_parts, is_lm_head,
+                                           check_input, check_weight, gated_hidden, gated_parts,
+                                           is_lm_head, rewrite_gated_mlp, split_last,
                                            weight_shape_NK)
 from arcompile.passes.match import Match
 
@@ -204,7 +205,7 @@ class QuantizeW8A8(Pass):
             if any(b is not None and (not b.is_constant or b.dtype != torch.float32)
                    for b in biases):
                 return m.fail("a bias is computed or not float32")
-            checked = _check_input(x, weight_shape_NK(gate)[1])
+            checked = check_input(x, weight_shape_NK(gate)[1])
             if not checked:
                 return checked
             return m.ok(products=[Product(node, 0, [gate, up], self._stats()),
@@ -214,7 +215,7 @@ class QuantizeW8A8(Pass):
             checked = check_weight(ref)
             if not checked:
                 return checked
-            checked = _check_input(node.inputs[0], weight_shape_NK(ref)[1])
+            checked = check_input(node.inputs[0], weight_shape_NK(ref)[1])
             if not checked:
                 return checked
             if len(node.inputs) > 2 and node.inputs[2].dtype != torch.float32:
@@ -290,8 +291,8 @@ class QuantizeW8A8(Pass):
         N = sum(node.attrs["sizes"])
         y = self._qlinear(graph, node, x, product, bias[0] if bias else None,
                           tuple(x.shape[:-1]) + (N,), f"{node.outputs[0].name}_merged", done)
-        pieces = self._split(graph, node, y, list(node.attrs["sizes"]),
-                             [v.name for v in node.outputs])
+        pieces = split_last(graph, node, y, list(node.attrs["sizes"]),
+                            [v.name for v in node.outputs], f"{self.name}/{self.rule}")
         for old, new in zip(node.outputs, pieces):
             old.replace_all_uses_with(new)
         graph.remove_node(node)
@@ -299,51 +300,9 @@ class QuantizeW8A8(Pass):
     def _rewrite_gated_mlp(self, graph: Graph, node: Node, products: list[Product],
                            done: dict) -> None:
         # down(act(x @ Wg^T + bg) * (x @ Wu^T + bu)) + bd, [Wg; Wu] as one product
-        x, (gate, _up, _down), (b_gate, b_up, b_down) = gated_parts(node)
-        origin, module = f"{self.name}/{self.rule}", node.module
-        inner = weight_shape_NK(gate)[0]
-        b_gate_up = None
-        if b_gate is not None or b_up is not None:
-            zeros = torch.zeros(inner)
-            b_gate_up = graph.add_constant(
-                torch.cat([b_gate.data if b_gate is not None else zeros,
-                           b_up.data if b_up is not None else zeros]),
-                name=f"{node.output.name}_gate_up_bias", module=module, origin=origin)
-        lead, base = tuple(x.shape[:-1]), node.output.name
-        gu = self._qlinear(graph, node, x, products[0], b_gate_up, lead + (2 * inner,),
-                           f"{base}_gate_up", done)
-        g, u = self._split(graph, node, gu, [inner, inner], [f"{base}_gate", f"{base}_up"])
-        activation = node.attrs["activation"]
-        if activation == "silu":
-            act = graph.add_op("aten.silu", {"self": g}, [(g.dtype, g.shape)], module=module,
-                               origin=origin, names=[f"{base}_act"]).output
-        else:
-            approximate = "tanh" if activation == "gelu_tanh" else "none"
-            act = graph.add_op("aten.gelu", {"self": g, "approximate": approximate},
-                               [(g.dtype, g.shape)], module=module, origin=origin,
-                               names=[f"{base}_act"]).output
-        hidden = graph.add_op("aten.mul.Tensor", {"self": act, "other": u}, [(g.dtype, g.shape)],
-                              module=module, origin=origin, names=[f"{base}_hidden"]).output
-        out = node.output
-        y = self._qlinear(graph, node, hidden, products[1], b_down, out.shape, f"{base}_down",
-                          done)
-        out.replace_all_uses_with(y)
-        graph.remove_node(node)
-
-    def _split(self, graph: Graph, node: Node, y: Value, sizes: list[int],
-               names: list[str]) -> list[Value]:
-        lead = tuple(y.shape[:-1])
-        return list(graph.add_op("aten.split_with_sizes",
-                                 {"self": y, "split_sizes": sizes, "dim": -1},
-                                 [(y.dtype, lead + (s,)) for s in sizes], module=node.module,
-                                 origin=f"{self.name}/{self.rule}",
-                                 names=[f"{n}_q" for n in names]).outputs)
-
-
-def _check_input(x: Value, K: int) -> Match:
-    m = Match()
-    if x.dtype != torch.float32:
-        return m.fail(f"its input %{x.name} is {x.dtype}, not float32")
-    if not x.shape or x.shape[-1] != K:
-        return m.fail(f"its input %{x.name} {x.shape} does not end in K={K}")
-    return m.ok()
+        x, (gate, _up, _down), biases = gated_parts(node)
+        product = {"gate_up": products[0], "down": products[1]}
+        rewrite_gated_mlp(graph, node, x, biases, weight_shape_NK(gate)[0],
+                          f"{self.name}/{self.rule}",
+                          lambda v, bias, shape, name, part: self._qlinear(
+                              graph, node, v, product[part], bias, shape, name, done))

@@ -51,8 +51,11 @@ import torch
 
 from arcompile.calibration import observe_inputs
 from arcompile.ir.graph import Graph, Node, Value
+from arcompile.ir.opdefs.mlp import activate
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.match import TRANSPARENT, Match
+from arcompile.passes.linear_sites import (check_input, is_lm_head, rewrite_gated_mlp,
+                                           split_last)
+from arcompile.passes.match import Match
 from arcompile.passes.merge_linears import as_linear
 from arcompile.passes.quant_gptq import SecondMoment, gptq
 from arcompile.passes.quant_math import QuantizedWeight, check_format, quantize
@@ -245,21 +248,13 @@ class QuantizeWeights(Pass):
             return self._match_linear(graph, node)
         return None
 
-    def _check_input(self, x: Value, K: int) -> Match:
-        m = Match()
-        if x.dtype != torch.float32:
-            return m.fail(f"its input %{x.name} is {x.dtype}, not float32")
-        if not x.shape or x.shape[-1] != K:
-            return m.fail(f"its input %{x.name} {x.shape} does not end in K={K}")
-        return m.ok()
-
     def _site(self, x: Value, weight: Value, layout: str, bias: Value | None) -> Match:
         """``Match(site=Site)`` for one linear: a quantizable weight, a float32 input ending
         in K, a float32 bias if any."""
         w = self._weight(weight, layout)
         if not w:
             return w
-        checked = self._check_input(x, w["site"].weight_NK.shape[1])
+        checked = check_input(x, w["site"].weight_NK.shape[1])
         if not checked:
             return checked
         if bias is not None and bias.dtype != torch.float32:
@@ -285,19 +280,6 @@ class QuantizeWeights(Pass):
         data = parts[0].data if dim is None else torch.cat([v.data for v in parts], dim)
         weight_NK = data if layout == "out_in" else data.t()
         return m.ok(site=Site(weight_NK, (tuple(parts), dim, layout), value.name))
-
-    def _is_lm_head(self, graph: Graph, node: Node, weight: Value) -> bool:
-        """The linear whose result is the logits (through views), or that reads an
-        embedding's table (tied weights)."""
-        if any(user.op == "aten.embedding" for user, _ in weight.uses()):
-            return True
-        out = node.outputs[0]
-        while out not in graph.outputs:
-            uses = out.uses()
-            if len(uses) != 1 or uses[0][0].op not in TRANSPARENT:
-                return False
-            out = uses[0][0].outputs[0]
-        return True
 
     @staticmethod
     def _input_of(node: Node, x: Value):
@@ -342,7 +324,7 @@ class QuantizeWeights(Pass):
         if not w:
             return w
         site = w["site"]
-        if self._is_lm_head(graph, node, m["weight"]):
+        if is_lm_head(graph, node, m["weight"]):
             if not self.include_lm_head:
                 return m.fail("it is the LM head, kept in float (include_lm_head=False)")
             site.lm_head = True
@@ -372,7 +354,7 @@ class QuantizeWeights(Pass):
                 return w
         wg, wu = gate["site"], up["site"]
         inner, K = wg.weight_NK.shape
-        checked = self._check_input(x, K)
+        checked = check_input(x, K)
         if not checked:
             return checked
         biases = [b for b in (b_gate, b_up, b_down) if b is not None]
@@ -387,7 +369,7 @@ class QuantizeWeights(Pass):
             xs = args[0]
             g = torch.nn.functional.linear(xs, wg.weight_NK, bias_gu[0])
             u = torch.nn.functional.linear(xs, wu.weight_NK, bias_gu[1])
-            return _ACTIVATIONS[activation](g) * u
+            return activate(g, activation) * u
 
         return Match().ok(x=x, gate_up=gate_up, down=down["site"], inner=inner,
                           biases=(b_gate, b_up, b_down), activation=activation,
@@ -406,43 +388,17 @@ class QuantizeWeights(Pass):
         N = site.weight_NK.shape[0]
         y = self._matmul_nbits(graph, node, x, site, m["bias"], tuple(x.shape[:-1]) + (N,),
                                f"{node.outputs[0].name}_merged", done)
-        pieces = self._split(graph, node, y, list(node.attrs["sizes"]),
-                             [v.name for v in node.outputs])
+        pieces = split_last(graph, node, y, list(node.attrs["sizes"]),
+                            [v.name for v in node.outputs], f"{self.name}/{self.rule}")
         for old, new in zip(node.outputs, pieces):
             old.replace_all_uses_with(new)
         graph.remove_node(node)
 
     def _rewrite_gated_mlp(self, graph: Graph, node: Node, m: Match, done: dict) -> None:
-        x, inner, activation = m["x"], m["inner"], m["activation"]
-        b_gate, b_up, b_down = m["biases"]
-        origin, module = f"{self.name}/{self.rule}", node.module
-        b_gate_up = None
-        if b_gate is not None or b_up is not None:
-            zeros = torch.zeros(inner)
-            b_gate_up = graph.add_constant(
-                torch.cat([b_gate.data if b_gate is not None else zeros,
-                           b_up.data if b_up is not None else zeros]),
-                name=f"{node.output.name}_gate_up_bias", module=module, origin=origin)
-        lead = tuple(x.shape[:-1])
-        base = node.output.name
-        gu = self._matmul_nbits(graph, node, x, m["gate_up"], b_gate_up, lead + (2 * inner,),
-                                f"{base}_gate_up", done)
-        g, u = self._split(graph, node, gu, [inner, inner], [f"{base}_gate", f"{base}_up"])
-        if activation == "silu":
-            act = graph.add_op("aten.silu", {"self": g}, [(g.dtype, g.shape)], module=module,
-                               origin=origin, names=[f"{base}_act"]).output
-        else:
-            approximate = "tanh" if activation == "gelu_tanh" else "none"
-            act = graph.add_op("aten.gelu", {"self": g, "approximate": approximate},
-                               [(g.dtype, g.shape)], module=module, origin=origin,
-                               names=[f"{base}_act"]).output
-        hidden = graph.add_op("aten.mul.Tensor", {"self": act, "other": u}, [(g.dtype, g.shape)],
-                              module=module, origin=origin, names=[f"{base}_hidden"]).output
-        out = node.output
-        y = self._matmul_nbits(graph, node, hidden, m["down"], b_down, out.shape,
-                               f"{base}_down", done)
-        out.replace_all_uses_with(y)
-        graph.remove_node(node)
+        rewrite_gated_mlp(graph, node, m["x"], m["biases"], m["inner"],
+                          f"{self.name}/{self.rule}",
+                          lambda v, bias, shape, name, part: self._matmul_nbits(
+                              graph, node, v, m[part], bias, shape, name, done))
 
     # -- building ---------------------------------------------------------------------
     def _quantized(self, site: Site) -> QuantizedWeight:
@@ -489,16 +445,3 @@ class QuantizeWeights(Pass):
         return graph.add_node("arc.matmul_nbits", [x] + inputs, attrs,
                               [(x.dtype, shape)], module=node.module,
                               origin=f"{self.name}/{f.rule}", names=[name]).output
-
-    def _split(self, graph: Graph, node: Node, y: Value, sizes: list[int],
-               names: list[str]) -> list[Value]:
-        lead = tuple(y.shape[:-1])
-        return list(graph.add_op("aten.split_with_sizes",
-                                 {"self": y, "split_sizes": sizes, "dim": -1},
-                                 [(y.dtype, lead + (s,)) for s in sizes], module=node.module,
-                                 origin=f"{self.name}/{self.rule}",
-                                 names=[f"{n}_q" for n in names]).outputs)
-
-
-_ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
-                "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
