@@ -69,6 +69,14 @@ def _load_line(result: dict) -> str:
     return line
 
 
+def _ppl(system: dict) -> str:
+    if "perplexity" not in system:
+        return "—"
+    change = system.get("perplexity_vs_arcompile_default")
+    shown = change is not None and round(change, 3) != 0  # the baseline, or fp32 alike
+    return f"{system['perplexity']:.2f}" + (f" ({change:+.1%})" if shown else "")
+
+
 def markdown(result: dict) -> str:
     contexts = [str(c) for c in result["contexts"]]
     pre = str(result["prefill_context"])
@@ -91,14 +99,15 @@ def markdown(result: dict) -> str:
         "| System | Precision | Prefill ms, T=" + pre + " | "
         + " | ".join(f"Decode ms/token, ctx {c}" for c in contexts)
         + " | Decode time ÷ arcompile default's (" + " / ".join(contexts) + ")"
-        + " | Same greedy tokens as eager (" + " / ".join(contexts) + ") |",
-        "|---|---|---:|" + "---:|" * len(contexts) + "---:|---:|",
+        + " | Same greedy tokens as eager (" + " / ".join(contexts) + ")"
+        + " | Perplexity, held-out text (vs arcompile default) |",
+        "|---|---|---:|" + "---:|" * len(contexts) + "---:|---:|---:|",
     ]
     notes = []
     for key, s in result["systems"].items():
         if s["status"] != "measured":
             lines.append(f"| {s['label']} | {s['precision']} | {s['status']}: {s['reason']} |"
-                         + " — |" * (len(contexts) + 2))
+                         + " — |" * (len(contexts) + 3))
             continue
         per = s["contexts"]
         ratio = s.get("decode_vs_arcompile_default") or {}
@@ -106,13 +115,16 @@ def markdown(result: dict) -> str:
             f"| {s['label']} | {s['precision']} | {_ms(per.get(pre, {}).get('first_token_ms'))} | "
             + " | ".join(_ms(per[c]["decode_ms_per_token"]) for c in contexts) + " | "
             + " / ".join(f"{ratio[c]:.2f}×" if c in ratio else "—" for c in contexts) + " | "
-            + " / ".join(per[c].get("greedy_match_vs_eager", "—") for c in contexts) + " |")
+            + " / ".join(per[c].get("greedy_match_vs_eager", "—") for c in contexts) + " | "
+            + _ppl(s) + " |")
         if s.get("note"):
             notes.append(f"- {s['label']}: {s['note']}")
     lines += ["", "Prefill is the time to the first new token (the prompt's forward pass and "
               "choosing one token), as each system's API gives it.",
               "Greedy tokens: the leading new tokens equal to transformers eager's, of those "
-              "generated; 4-bit systems are expected to part from fp32 early.", ""]
+              "generated; 4-bit systems are expected to part from fp32 early.",
+              "Perplexity: " + result.get("perplexity_text", "held-out text") + "; — where "
+              "a system's API gives no logits (the JSON says why).", ""]
     if notes:
         lines += ["Notes:", *notes, ""]
     return "\n".join(lines)
