@@ -1,8 +1,9 @@
-"""The linears the quantizing passes work on (``smooth_quant``, ``quantize_w8a8``; the input
-checks, LM-head test and gated-MLP rewrite ``quantize_weights`` shares with them), the weight
-edits they make, and the activation statistics they calibrate with. Not a pass.
+"""The linears the quantizing passes work on (``quantize_weights``, ``smooth_quant``,
+``quantize_w8a8``: how each finds them, checks their weights and inputs, tells the LM head, and
+rewrites a gated MLP), the weight edits they make, and the activation statistics they
+calibrate with. Not a pass.
 
-A linear is found in the forms the fusions leave (the same forms ``quantize_weights`` takes):
+A linear is found in the forms the fusions leave:
 
 - ``aten.linear(x, W[N, K], b)``, ``aten.mm(x, W[K, N])``, ``aten.addmm(b, x, W[K, N])``,
   ``aten.matmul(x, W[K, N])``, ``aten.bmm(x[B, T, K], expand(W[K, N], [B, K, N]))``:

@@ -51,16 +51,14 @@ import torch
 
 from arcompile.calibration import observe_inputs
 from arcompile.ir.graph import Graph, Node, Value
-from arcompile.ir.opdefs.mlp import activate
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.linear_sites import (check_input, is_lm_head, rewrite_gated_mlp,
-                                           split_last)
+from arcompile.passes.linear_sites import (LINEARS, WeightRef, as_linear, check_input,
+                                           check_weight, gated_hidden, gated_parts, is_lm_head,
+                                           port_of, rewrite_gated_mlp, split_last)
 from arcompile.passes.match import Match
-from arcompile.passes.merge_linears import as_linear
 from arcompile.passes.quant_gptq import SecondMoment, gptq
 from arcompile.passes.quant_math import QuantizedWeight, check_format, quantize
 
-LINEARS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten.bmm")
 # Defaults from SmolLM2 (perplexity on 512 held tokens, fp32 12.79; decode ms/token at 2
 # threads on a busy machine, fp32 38): int4 g32 asymmetric 16.0 (sym 19.1; g64/g128 asym
 # 18.5/18.4), 17 ms; int8 g128 12.81 either way (g32 12.79), 21 ms. Asymmetric costs one byte
@@ -248,10 +246,10 @@ class QuantizeWeights(Pass):
             return self._match_linear(graph, node)
         return None
 
-    def _site(self, x: Value, weight: Value, layout: str, bias: Value | None) -> Match:
+    def _site(self, x: Value, ref: WeightRef, bias: Value | None) -> Match:
         """``Match(site=Site)`` for one linear: a quantizable weight, a float32 input ending
         in K, a float32 bias if any."""
-        w = self._weight(weight, layout)
+        w = self._weight(ref)
         if not w:
             return w
         checked = check_input(x, w["site"].weight_NK.shape[1])
@@ -262,78 +260,40 @@ class QuantizeWeights(Pass):
         return w
 
     @staticmethod
-    def _weight(value: Value, layout: str) -> Match:
-        """``Match(site=Site)`` when ``value`` is a float32 2-D constant (or a concatenation of
-        constants); ``layout`` "out_in" ([N, K]) or "in_out" ([K, N])."""
-        m = Match()
-        parts = [value]
-        dim = None
-        if not value.is_constant and value.producer.op == "arc.concat_weights":
-            parts, dim = list(value.producer.inputs), value.producer.attrs["dim"]
-        for v in parts:
-            if not v.is_constant:
-                return m.fail(f"the weight %{v.name} is computed, not a constant")
-            if v.dtype != torch.float32:
-                return m.fail(f"the weight %{v.name} is {v.dtype}, not float32")
-            if v.shape is None or len(v.shape) != 2:
-                return m.fail(f"the weight %{v.name} is not 2-D")
-        data = parts[0].data if dim is None else torch.cat([v.data for v in parts], dim)
-        weight_NK = data if layout == "out_in" else data.t()
-        return m.ok(site=Site(weight_NK, (tuple(parts), dim, layout), value.name))
+    def _weight(ref: WeightRef) -> Match:
+        """``Match(site=Site)`` when the weight ``ref`` reads is a float32 2-D constant, or a
+        concatenation of such along N (``linear_sites.check_weight``)."""
+        checked = check_weight(ref)
+        if not checked:
+            return checked
+        parts, dim = ref.parts()
+        return checked.ok(site=Site(ref.tensor_NK(), (tuple(parts), dim, ref.layout),
+                                    ref.value.name))
 
     @staticmethod
     def _input_of(node: Node, x: Value):
         """``features`` for a node that multiplies its input ``x`` as it is."""
-        index = next(i for i, v in enumerate(node.inputs) if v is x)
+        index = port_of(node, x)
         return lambda args: args[index]
 
-    @staticmethod
-    def _as_linear(node: Node) -> Match:
-        """``Match(x, weight, bias, layout)`` for the traced forms of y = x @ W^T + b."""
-        m = Match()
-        if node.op == "aten.matmul":
-            x, weight = node.arg("self"), node.arg("other")
-        elif node.op == "aten.bmm":
-            # run_decompositions() writes x[B, T, K] @ W[K, N] as bmm(x, expand(W, [B, K, N]))
-            x, expanded = node.arg("self"), node.arg("mat2")
-            if not isinstance(expanded, Value) or expanded.producer.op != "aten.expand":
-                return m.fail("aten.bmm: the right operand is not a weight expanded over batch")
-            weight = expanded.producer.arg("self")
-            if (not isinstance(weight, Value) or weight.shape is None or len(weight.shape) != 2
-                    or tuple(expanded.shape[1:]) != tuple(weight.shape)
-                    or x.shape is None or len(x.shape) != 3
-                    or expanded.shape[0] != x.shape[0]):
-                return m.fail("aten.bmm: the right operand is not a 2-D weight expanded over "
-                              "the batch dim of the left")
-        else:
-            lin = as_linear(node)
-            if not lin:
-                return lin
-            lin = lin["linear"]
-            return m.ok(x=lin.x, weight=lin.weight, bias=lin.bias, layout=lin.layout)
-        if not isinstance(weight, Value) or weight.shape is None or len(weight.shape) != 2:
-            return m.fail(f"{node.op}: the right operand is not a 2-D tensor")
-        return m.ok(x=x, weight=weight, bias=None, layout="in_out")
-
-    # y = x @ W^T + b  (aten.linear: W [N, K]; mm/addmm/matmul/bmm: W [K, N])
+    # y = x @ W^T + b  (the traced forms linear_sites.as_linear reads)
     def _match_linear(self, graph: Graph, node: Node) -> Match | None:
-        m = self._as_linear(node)
-        if not m:  # a matmul or bmm of two activations is no linear to report on
-            return None if node.op in ("aten.matmul", "aten.bmm") else m
-        w = self._site(m["x"], m["weight"], m["layout"], m["bias"])
-        if not w:
-            return w
-        site = w["site"]
-        if is_lm_head(graph, node, m["weight"]):
+        lin = as_linear(node)
+        if not lin:  # a matmul or bmm of two activations is no linear to report on
+            return None if node.op in ("aten.matmul", "aten.bmm") else lin
+        lin = lin["linear"]
+        site = self._weight(lin.weight)["site"]  # as_linear checked weight, input and bias
+        if is_lm_head(graph, node, lin.weight.value):
             if not self.include_lm_head:
-                return m.fail("it is the LM head, kept in float (include_lm_head=False)")
+                return Match().fail("it is the LM head, kept in float (include_lm_head=False)")
             site.lm_head = True
-        return m.ok(sites=[(site, self._input_of(node, m["x"]))])
+        return Match().ok(x=lin.x, bias=lin.bias, sites=[(site, self._input_of(node, lin.x))])
 
     # split(x @ W^T + b, sizes, -1), W the merged Q/K/V
     def _match_split_linear(self, node: Node) -> Match:
-        x, weight, *bias = node.inputs
-        w = self._site(x, weight, node.attrs["weight_layout"], bias[0] if bias else None)
+        x, _weight, *bias = node.inputs
+        ref = WeightRef(node, 1, node.attrs["weight_layout"])
+        w = self._site(x, ref, bias[0] if bias else None)
         if not w:
             return w
         return w.ok(x=x, bias=bias[0] if bias else None,
@@ -341,39 +301,26 @@ class QuantizeWeights(Pass):
 
     # down(act(x @ Wg^T + bg) * (x @ Wu^T + bu)) + bd, with [Wg; Wu] as one weight
     def _match_gated_mlp(self, node: Node) -> Match:
-        x, w_gate, w_up, w_down, *rest = node.inputs
-        layout = node.attrs["weight_layout"]
-        has_bias = list(node.attrs.get("has_bias", (False, False, False)))
-        it = iter(rest)
-        b_gate, b_up, b_down = (next(it) if present else None for present in has_bias)
-        gate = self._weight(w_gate, layout)
-        up = self._weight(w_up, layout)
-        down = self._weight(w_down, layout)
-        for w in (gate, up, down):
+        x, refs, biases = gated_parts(node)
+        sites = []
+        for ref in refs:
+            w = self._weight(ref)
             if not w:
                 return w
-        wg, wu = gate["site"], up["site"]
+            sites.append(w["site"])
+        wg, wu, down = sites
         inner, K = wg.weight_NK.shape
         checked = check_input(x, K)
         if not checked:
             return checked
-        biases = [b for b in (b_gate, b_up, b_down) if b is not None]
-        if any(not b.is_constant or b.dtype != torch.float32 for b in biases):
+        if any(b is not None and (not b.is_constant or b.dtype != torch.float32)
+               for b in biases):
             return Match().fail("a bias is computed or not float32")
         gate_up = Site(torch.cat([wg.weight_NK, wu.weight_NK], 0), ("gate_up", wg.key, wu.key),
                        f"{wg.name}_up")
-        activation = node.attrs["activation"]
-        bias_gu = [None if b is None else b.data for b in (b_gate, b_up)]
-
-        def hidden(args: list) -> torch.Tensor:  # what the down projection multiplies
-            xs = args[0]
-            g = torch.nn.functional.linear(xs, wg.weight_NK, bias_gu[0])
-            u = torch.nn.functional.linear(xs, wu.weight_NK, bias_gu[1])
-            return activate(g, activation) * u
-
-        return Match().ok(x=x, gate_up=gate_up, down=down["site"], inner=inner,
-                          biases=(b_gate, b_up, b_down), activation=activation,
-                          sites=[(gate_up, lambda args: args[0]), (down["site"], hidden)])
+        return Match().ok(x=x, gate_up=gate_up, down=down, inner=inner, biases=tuple(biases),
+                          sites=[(gate_up, lambda args: args[0]),
+                                 (down, lambda args: gated_hidden(node, args))])
 
     # -- rewriting --------------------------------------------------------------------
     def _rewrite_linear(self, graph: Graph, node: Node, m: Match, done: dict) -> None:
