@@ -3,9 +3,10 @@ read side by side.
 
 The text is the one the quantization gate uses (``arcompile.quantization.held_ids``: 512
 tokens of the held-out region of ``pydoc_data.topics``), scored as one teacher-forced
-forward pass of each system. ONNX Runtime GenAI's model-builder output is a plain ONNX file;
-it is run here with ONNX Runtime directly, fed the prompt with an empty cache, as GenAI
-itself would run a prefill.
+forward pass of each system: arcompile's engines through ``Engine.logits``, transformers
+eager in this process, llama.cpp in its worker (``llamacpp_decode.py``'s ``score``), and ONNX
+Runtime GenAI's model-builder output, a plain ONNX file, here with ONNX Runtime directly, fed
+the text with an empty cache as GenAI itself would run a prefill.
 """
 
 from __future__ import annotations

@@ -45,10 +45,31 @@ def decode(llm, ids: list[int], new: int) -> dict:
     return time_tokens(tokens)
 
 
+def score(request: dict) -> float:
+    """Perplexity of ``perplexity_ids`` in one teacher-forced pass, on a model opened for it
+    alone (``logits_all`` keeps every position's logits, which the timed model must not pay
+    for in its prefill)."""
+    import numpy as np  # llama-cpp-python's own dependency
+    from llama_cpp import Llama
+
+    ids = request["perplexity_ids"]
+    llm = Llama(model_path=request["model"], n_ctx=len(ids), n_batch=len(ids),
+                n_threads=request["threads"], n_threads_batch=request["threads"],
+                logits_all=True, verbose=False)
+    try:
+        llm.eval(ids)
+        z = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+        z -= z.max(axis=-1, keepdims=True)
+        log_probs = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+        return float(np.exp(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean()))
+    finally:
+        llm.close()
+
+
 def main() -> None:
     import llama_cpp
 
-    serve(open_model, decode, engine=f"llama-cpp-python {llama_cpp.__version__}")
+    serve(open_model, decode, engine=f"llama-cpp-python {llama_cpp.__version__}", score=score)
 
 
 if __name__ == "__main__":

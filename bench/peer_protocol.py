@@ -19,7 +19,12 @@ keeping the model open between requests (so a suite can alternate systems withou
                 "engine": "name version"}, ...}                     (detail true)
 
 ``max_context`` (optional) is the most tokens any later request will hold, for runtimes that
-size a context up front. A request sent without a trailing newline, as one document (how
+size a context up front. A worker that can score text also answers
+
+    {"model": PATH, "threads": 2, "perplexity_ids": [ids...]}  -> {"perplexity": float}
+
+(the perplexity of the ids, teacher-forced, in one pass); one that cannot answers
+{"perplexity": null, "reason": "..."}. A request sent without a trailing newline, as one document (how
 bench/decode_latency.py calls genai_decode.py), is answered the same way.
 """
 
@@ -55,17 +60,23 @@ def time_tokens(start: Callable[[], Iterable[int]]) -> dict[str, Any]:
 
 def serve(open_model: Callable[[dict], Any],
           decode: Callable[[Any, list[int], int], dict[str, Any]],
-          engine: str) -> None:
+          engine: str, score: Callable[[dict], float] | None = None) -> None:
     """Answer requests on stdin until it closes.
 
     ``open_model(request)`` opens the runtime once per (model, threads, max_context);
-    ``decode(model, ids, new_tokens)`` returns what ``summarize`` does.
+    ``decode(model, ids, new_tokens)`` returns what ``summarize`` does; ``score(request)``,
+    where given, the perplexity of ``request["perplexity_ids"]``.
     """
     models: dict[tuple, Any] = {}
     for line in sys.stdin:
         if not line.strip():
             continue
         request = json.loads(line)
+        if "perplexity_ids" in request:
+            answer = ({"perplexity": score(request)} if score is not None else
+                      {"perplexity": None, "reason": f"{engine}: this worker gives no logits"})
+            print(json.dumps(answer), flush=True)
+            continue
         key = (request["model"], request["threads"], request.get("max_context"))
         if key not in models:
             models.clear()  # one open model at a time keeps the worker's memory flat

@@ -50,7 +50,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,8 +88,8 @@ class System:
     new_tokens: int = 0
     warmup_s: dict[str, list[float]] = field(default_factory=dict)  # per warm-up round
     timings: dict[str, list[dict]] = field(default_factory=dict)
-    # [T, V] logits of a token list, for the perplexity on held-out text (None: not measured)
-    logits: Callable[[list[int]], Any] | None = None
+    # the perplexity of a token list, teacher-forced (None: not measured)
+    score: Callable[[list[int]], float] | None = None
     perplexity: float | str | None = None  # the figure, or why it could not be measured
 
 
@@ -183,7 +182,7 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
             continue
         system.note += f"; built in {time.perf_counter() - start:.0f} s"
         system.run = streamed(eng)
-        system.logits = lambda ids, eng=eng: eng.logits([ids])[0]
+        system.score = lambda ids, eng=eng: perplexity(eng.logits([ids])[0], ids)
         systems.append(system)
     return systems
 
@@ -199,28 +198,43 @@ def transformers_systems(hf) -> list[System]:
     cached = System("transformers_cached", "transformers eager, KV cache", "fp32",
                     note="`generate(use_cache=True)`, its dynamic cache")
     cached.run = lambda ctx, ids, new: time_generate(hf, ids, new, use_cache=True)
-    cached.logits = lambda ids: hf(torch.tensor([ids])).logits[0].detach().float().numpy()
+    cached.score = lambda ids: perplexity(
+        hf(torch.tensor([ids])).logits[0].detach().float().numpy(), ids)
     uncached = System("transformers_uncached", "transformers eager, no cache", "fp32",
                       uncached=True, note="`generate(use_cache=False)`")
     uncached.run = lambda ctx, ids, new: time_generate(hf, ids, new, use_cache=False)
+    uncached.perplexity = "not measured: the same model as transformers eager with its cache"
     return [cached, uncached]
 
 
 # -- peers, in worker subprocesses ------------------------------------------------------------
 def worker_system(system: System, python: str, script: str, model: str, threads: int,
-                  max_context: int, workers: list[PeerWorker]) -> System:
+                  max_context: int, workers: list[PeerWorker], scores: bool = False) -> System:
+    """``system`` timed by a worker running ``script``; ``scores``: the worker also answers
+    perplexity requests (peer_protocol.py), which give the system's perplexity."""
     mine: list[PeerWorker] = []
 
-    def run(ctx: str, ids: list[int], new: int) -> dict:
+    def worker() -> PeerWorker:
         if not mine:  # started on first use: a system left out by --systems costs nothing
             mine.append(PeerWorker(python, HERE / script))
             workers.append(mine[0])
-        answer = mine[0].ask(
+        return mine[0]
+
+    def run(ctx: str, ids: list[int], new: int) -> dict:
+        answer = worker().ask(
             {"model": model, "threads": threads, "new_tokens": new, "prompts": {ctx: ids},
              "detail": True, "max_context": max_context}, timeout_s=system.timeout_s)
         return answer[ctx]
 
+    def score(ids: list[int]) -> float:
+        answer = worker().ask({"model": model, "threads": threads, "perplexity_ids": ids},
+                             timeout_s=system.timeout_s)
+        if answer.get("perplexity") is None:
+            raise RuntimeError(answer.get("reason", "no perplexity"))
+        return answer["perplexity"]
+
     system.run = run
+    system.score = score if scores else None
     return system
 
 
@@ -228,6 +242,7 @@ def peer_systems(args, gguf: Path, max_context: int, workers: list[PeerWorker]) 
     systems = []
     compiled = System("torch_compile", "torch.compile (inductor, static cache)", "fp32",
                       note="transformers' compiled-decode recipe; its prefill runs eagerly")
+    compiled.perplexity = "not measured: the same model as transformers eager, compiled"
     if args.no_torch_compile:
         compiled.skip = "not run: --no-torch-compile"
         systems.append(compiled)
@@ -256,7 +271,8 @@ def peer_systems(args, gguf: Path, max_context: int, workers: list[PeerWorker]) 
         else:
             worker_system(system, genai_python, "genai_decode.py", model, args.threads,
                           max_context, workers)
-            system.logits = partial(genai_logits, model, threads=args.threads)
+            system.score = lambda ids, model=model: perplexity(
+                genai_logits(model, ids, args.threads), ids)
         systems.append(system)
 
     llama = System("llama_cpp", "llama.cpp (llama-cpp-python)", "Q4_1 (the GGUF as shipped)",
@@ -269,8 +285,7 @@ def peer_systems(args, gguf: Path, max_context: int, workers: list[PeerWorker]) 
         llama.skip = f"not installed: {missing}"
     else:
         worker_system(llama, llama_python, "llamacpp_decode.py", str(gguf), args.threads,
-                      max_context, workers)
-        llama.perplexity = "not measured: its worker returns tokens, not logits"
+                      max_context, workers, scores=True)
     systems.append(llama)
     return systems
 
@@ -335,11 +350,11 @@ def measure_perplexity(systems: list[System], tokenizer) -> None:
     """Each live system's perplexity on the quantization gate's held-out tokens."""
     ids, _ = held_ids(tokenizer, 0)
     for system in systems:
-        if system.skip is not None or system.logits is None:
+        if system.skip is not None or system.score is None:
             continue
         log(f"perplexity of {system.key} on {len(ids)} held-out tokens ...")
         try:
-            system.perplexity = perplexity(system.logits(ids), ids)
+            system.perplexity = system.score(ids)
         except Exception as e:  # noqa: BLE001 - recorded, and the suite goes on
             system.perplexity = f"failed: {type(e).__name__}: {e}"
 
