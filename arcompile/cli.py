@@ -35,7 +35,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         q = report.quantization
         s = q.get("settings", {})
         detail = (f" ({s['method']}, group {s['block_size']}, zero point "
-                  f"{s.get('zero_point', '?')}, LM head {s['lm_head']})" if "lm_head" in s else "")
+                  f"{s.get('zero_point', '?')}, LM head {s['lm_head']}"
+                  + (", embedding from the LM head" if s.get("embedding") == "lm_head" else "")
+                  + ")" if "lm_head" in s else "")
         what = " + ".join(([f"{q['mode']}{detail}"] if q["mode"] else [])
                           + (["int8 KV cache"] if q.get("kv_cache") else []))
         print(f"quantization: {what}, perplexity "
@@ -187,7 +189,12 @@ def add_transform_options(p: argparse.ArgumentParser) -> None:
                         "(pydoc_data, never the held-out text; default gptq 64, w8a8 16)")
     p.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default=None,
                    help="with --quantize int8/int4: the LM head's weights (default int4 "
-                        "for int4 with gptq, else int8; the embedding lookup stays fp32)")
+                        "for int4 with gptq, else int8)")
+    p.add_argument("--embedding", choices=("lm-head", "fp32"), default=None,
+                   help="with --quantize int8/int4: the token embedding; fp32 (default) "
+                        "keeps the float table; lm-head reads the quantized LM head's table "
+                        "where the two are tied, so the engine holds those weights once "
+                        "(smaller, and the lookup is quantized too)")
     p.add_argument("--zero-point", choices=("none", "int", "float"), default=None,
                    help="with --quantize int8/int4: none (symmetric), int (asymmetric, "
                         "MatMulNBits' integer zero point; int4 gptq's default) or float "
@@ -205,7 +212,8 @@ def transform_options(args: argparse.Namespace) -> dict:
     return dict(quantize=args.quantize, group_size=args.group_size,
                 max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
                 calibration_samples=args.calibration_samples, lm_head=args.lm_head,
-                zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip)
+                zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip,
+                embedding=args.embedding)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -103,19 +103,26 @@ def test_cli_quantization_flags_reach_the_manifest(tmp_path, capsys, llama_archi
     settings = json.loads((out / "arcompile.json").read_text())["quantization"]["settings"]
     assert settings["method"] == "rtn" and settings["zero_point"] == "float"
     assert settings["lm_head"] == "float32" and not settings["include_lm_head"]
+    assert settings["embedding"] == "fp32"
     out = tmp_path / "b"
     assert main(["optimize", str(archive), "-o", str(out), "--quantize", "int4",
-                 "--lm-head", "int8", "--calibration-samples", "2", "--group-size", "64"]) == 0
+                 "--lm-head", "int8", "--calibration-samples", "2", "--group-size", "64",
+                 "--embedding", "lm-head"]) == 0
     settings = json.loads((out / "arcompile.json").read_text())["quantization"]["settings"]
     assert settings["method"] == "gptq" and settings["calibration"]["samples"] == 2
     assert settings["lm_head"] == "int8_g64_asym" and settings["block_size"] == 64
-    assert "quantization: int4" in capsys.readouterr().out
+    assert settings["embedding"] == "lm_head"
+    printed = capsys.readouterr().out
+    assert "quantization: int4" in printed and "embedding from the LM head" in printed
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--quant-method", "gptq"], "quant_method without quantize"),
     (["--lm-head", "int4"], "lm_head without quantize"),
     (["--calibration-samples", "8"], "calibration_samples without quantize"),
+    (["--embedding", "lm-head"], "embedding without quantize"),
+    (["--quantize", "int4", "--lm-head", "fp32", "--embedding", "lm-head"],
+     "--lm-head fp32 keeps the head in float"),
     (["--quantize", "int4", "--calibration-samples", "0"], "at least 1, got 0"),
     (["--quantize", "int4", "--quant-method", "rtn", "--calibration-samples", "4"],
      "applies to a calibrated --quant-method"),

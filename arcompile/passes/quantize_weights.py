@@ -32,7 +32,15 @@ width's default).
 Refuses (node left as it was, reason noted): a weight that is computed rather than a
 constant, not 2-D or not float32, an input that is not float32 or whose last dim is not K,
 and the LM head unless ``include_lm_head`` (the linear whose result is the logits, or whose
-weight an embedding also reads). The embedding table itself is never quantized (a gather).
+weight an embedding also reads).
+
+The token embedding, with ``embedding="lm_head"`` and the LM head quantized: where the
+lookup (``aten.embedding``) reads the LM head's own weight constant (tied weights), it becomes
+``arc.gather_nbits(indices, packed, scales[, zero_points])`` on the head's quantized table, so
+the float table goes dead and the engine holds the weights once, quantized (counted as
+``embedding_`` + the head's rule). Not for the float-minimum form (``zero_point="float"``: no
+lookup kernel reads its block offsets; noted, the lookup stays float) nor for an untied
+table, which stays float. ``embedding="fp32"`` (the pass's default) keeps every lookup float.
 
 Numbers: changes the logits by design (round-to-nearest: |w - dequant(w)| <= scale / 2 per
 element; GPTQ: every element on its block's grid, a smaller error on the calibration
@@ -78,6 +86,8 @@ DEFAULT_ACCURACY_LEVEL = 4
 ZERO_POINTS = {"none": "sym", "int": "asym", "float": "fmin"}
 DEFAULT_ZERO_POINT = {4: "float", 8: "int"}
 METHODS = ("rtn", "gptq")  # round-to-nearest; GPTQ on calibration text (quant_gptq)
+# the token embedding: float, or reading the tied LM head's quantized table (_share_table)
+EMBEDDINGS = ("fp32", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,7 @@ class QuantizeWeights(Pass):
                  zero_point: str | None = None, lm_head_bits: int | None = None,
                  lm_head_zero_point: str | None = None, method: str = "rtn",
                  calibration: Sequence[Sequence[int]] | None = None,
-                 calibration_text: str | None = None):
+                 calibration_text: str | None = None, embedding: str = "fp32"):
         if bits not in (4, 8):
             raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits}")
         self.bits = bits
@@ -142,6 +152,10 @@ class QuantizeWeights(Pass):
             raise ValueError(f"quantize_weights: lm_head_zero_point must be one of "
                              f"{', '.join(ZERO_POINTS)}, got {lm_head_zero_point!r}")
         self.lm_head_bits = lm_head_bits or bits
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"quantize_weights: embedding must be one of "
+                             f"{', '.join(EMBEDDINGS)}, got {embedding!r}")
+        self.embedding = embedding
         self.accuracy_level = accuracy_level
         if method not in METHODS:
             raise ValueError(f"quantize_weights: method must be one of {METHODS}, got "
@@ -169,6 +183,7 @@ class QuantizeWeights(Pass):
         out = {"bits": self.bits, "block_size": self.block_size, "symmetric": self.symmetric,
                "zero_point": self.zero_point, "include_lm_head": self.include_lm_head,
                "lm_head": (self.lm_head_format.rule if self.include_lm_head else "float32"),
+               "embedding": self.embedding,
                "accuracy_level": self.accuracy_level, "method": self.method}
         if self.method != "rtn":
             out["calibration"] = {"samples": len(self.calibration),
@@ -205,6 +220,8 @@ class QuantizeWeights(Pass):
             else:
                 self._rewrite_linear(graph, node, m, done)
             site = m["sites"][0][0]
+            if site.lm_head and self.embedding == "lm_head":
+                self._share_table(graph, site, done, result)
             rule = ("lm_head_" if site.lm_head else "") + self._format(site).rule
             result.bump(rule, 2 if node.op == "arc.gated_mlp" else 1)
         self.timings["quantization"] = time.perf_counter() - start
@@ -346,6 +363,35 @@ class QuantizeWeights(Pass):
                           f"{self.name}/{self.rule}",
                           lambda v, bias, shape, name, part: self._matmul_nbits(
                               graph, node, v, m[part], bias, shape, name, done))
+
+    def _share_table(self, graph: Graph, site: Site, done: dict, result: PassResult) -> None:
+        """The lookups in the LM head's own float table (tied weights) read its quantized
+        table instead (``arc.gather_nbits``)."""
+        parts, dim, layout = site.key
+        if dim is not None or layout != "out_in":  # a merged or [K, N] weight is no table
+            return
+        table, f = parts[0], self._format(site)
+        for user, _ in list(table.uses()):
+            if user.op != "aten.embedding" or user.arg("weight") is not table:
+                continue
+            if f.zero_point == "float":
+                result.note(f"kept the embedding at {user.module or '<top>'} in float: the LM "
+                            f"head's float-minimum blocks ({f.rule}) have no lookup kernel")
+                continue
+            packed, scales, zero_points, _ = done[site.key]
+            out = user.outputs[0]
+            N, K = site.weight_NK.shape
+            y = graph.add_node(
+                "arc.gather_nbits",
+                [user.arg("indices"), packed, scales] + ([zero_points] if zero_points is not None
+                                                         else []),
+                {"K": K, "N": N, "bits": f.bits, "block_size": f.block_size,
+                 "has_zero_points": zero_points is not None},
+                [(out.dtype, out.shape)], module=user.module,
+                origin=f"{self.name}/embedding_{f.rule}", names=[f"{out.name}_q"]).output
+            out.replace_all_uses_with(y)
+            graph.remove_node(user)
+            result.bump(f"embedding_{f.rule}")
 
     # -- building ---------------------------------------------------------------------
     def _quantized(self, site: Site) -> QuantizedWeight:

@@ -1,4 +1,5 @@
-"""Reference implementation of the weight-quantized linear ``arc.matmul_nbits``.
+"""Reference implementations of the weight-quantized linear ``arc.matmul_nbits`` and of the
+embedding lookup in such a table, ``arc.gather_nbits``.
 
 ``arc.matmul_nbits(x, packed_weight, scales[, zero_points][, block_offsets][, bias], K, N, bits,
 block_size, has_zero_points, has_block_offsets, has_bias, accuracy_level)``::
@@ -24,6 +25,10 @@ the codes; without them the zero point is ``2^(bits - 1)`` (symmetric). ``bias``
 which is how ORT's CPU kernel reaches integer speed. The reference does the same rounding
 (``quant_math.quantize_activations_int8``), so the interpreter and ORT agree at either level.
 The block-offset product reads ``x`` unrounded at either level (it is a float MatMul there).
+
+``arc.gather_nbits(indices, packed_weight, scales[, zero_points], K, N, bits, block_size,
+has_zero_points)`` is ``dequant(W)[indices]`` ([*indices.shape, K]) for a table stored the
+same way: the token embedding reading its tied LM head's quantized weights.
 """
 
 from __future__ import annotations
@@ -58,3 +63,17 @@ def matmul_nbits(x, packed_weight, scales, *rest, K: int, N: int, bits: int, blo
     if offsets_bN is not None:
         y = y + block_sums(x, block_size) @ offsets_bN.to(x.dtype)
     return y
+
+
+@register("arc.gather_nbits")
+def gather_nbits(indices, packed_weight, scales, *rest, K: int, N: int, bits: int,
+                 block_size: int, has_zero_points: bool = False):
+    from arcompile.passes.quant_math import dequantize
+
+    zero_points = rest[0] if has_zero_points else None
+    rows = indices.reshape(-1).long()
+    n_blocks = packed_weight.shape[1]
+    table = dequantize(packed_weight[rows], scales.reshape(N, n_blocks)[rows].reshape(-1),
+                       None if zero_points is None else zero_points[rows], K, bits, block_size,
+                       scales.dtype)
+    return table.reshape(*indices.shape, K)
