@@ -143,7 +143,8 @@ def test_gptq_pass_golden_is_round_to_nearest_structure_with_other_codes():
     assert not torch.equal(got[0].inputs[1].data, want[0].inputs[1].data)
     assert p.settings() == {
         "bits": 4, "block_size": 32, "symmetric": False, "zero_point": "int",
-        "include_lm_head": False, "lm_head": "float32", "accuracy_level": 4, "method": "gptq",
+        "include_lm_head": False, "lm_head": "float32", "embedding": "fp32",
+        "accuracy_level": 4, "method": "gptq",
         "calibration": {"samples": 4, "tokens": 16, "text": "seeded random ids"}}
     assert set(p.timings) == {"calibration", "quantization"}
 

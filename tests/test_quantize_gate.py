@@ -66,7 +66,8 @@ def test_int4_default_is_gptq_with_integer_zero_points_and_a_quantized_lm_head(t
     head = DEFAULT_LM_HEAD["int4"]["gptq"]
     assert q["settings"] == {
         "bits": 4, "block_size": 32, "symmetric": False, "zero_point": "int",
-        "include_lm_head": True, "lm_head": f"{head}_g32_asym", "accuracy_level": 4,
+        "include_lm_head": True, "lm_head": f"{head}_g32_asym", "embedding": "fp32",
+        "accuracy_level": 4,
         "method": "gptq", "calibration": {"samples": GPTQ_SAMPLES, "tokens": 128,
                                           "text": "seeded random token ids (no tokenizer)"}}
     assert set(q["seconds"]) == {"calibration", "quantization"}
