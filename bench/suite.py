@@ -74,6 +74,9 @@ from transformers_timing import time_generate  # noqa: E402
 
 REFERENCE = "transformers_cached"  # greedy tokens are compared with eager's
 BASELINE = "arcompile_default"  # decode ratios are to the shipping engine
+# arcompile's 4-bit engines against the 4-bit peers, repeat by repeat: in how many repeats each
+# decoded faster (the systems alternate within a repeat, so a pair shares the machine's state)
+PAIRED = ("arcompile_int4", ("ort_genai_int4", "llama_cpp"))
 
 
 @dataclass
@@ -365,7 +368,20 @@ def measure_perplexity(systems: list[System], tokenizer) -> None:
             system.perplexity = f"failed: {type(e).__name__}: {e}"
 
 
-def summary(system: System, reference: System | None, baseline: System | None) -> dict:
+def paired_wins(system: System, peer: System) -> dict[str, str]:
+    """Per context, "k/n": the repeats in which ``system`` decoded faster than ``peer``."""
+    wins = {}
+    for ctx, runs in system.timings.items():
+        theirs = peer.timings.get(ctx, [])
+        n = min(len(runs), len(theirs))
+        if n:
+            k = sum(a["decode_ms"] < b["decode_ms"] for a, b in zip(runs, theirs))
+            wins[ctx] = f"{k}/{n}"
+    return wins
+
+
+def summary(system: System, reference: System | None, baseline: System | None,
+            peers: list[System] = ()) -> dict:
     out: dict[str, Any] = {"label": system.label, "precision": system.precision}
     if system.skip is not None:
         status, reason = system.skip.split(": ", 1)
@@ -404,6 +420,10 @@ def summary(system: System, reference: System | None, baseline: System | None) -
             ctx: per["decode_ms_per_token"] /
             statistics.median(t["decode_ms"] for t in baseline.timings[ctx])
             for ctx, per in out["contexts"].items() if ctx in baseline.timings}
+    paired = {peer.key: paired_wins(system, peer) for peer in peers
+              if system.key.startswith(PAIRED[0]) and peer.skip is None}
+    if paired:
+        out["faster_than_in_repeats"] = paired
     return out
 
 
@@ -479,7 +499,8 @@ def main() -> None:
                            "one teacher-forced forward pass",
         "wall_s": None,
         "load_average_per_repeat": load,
-        "systems": {s.key: summary(s, by_key.get(REFERENCE), by_key.get(BASELINE))
+        "systems": {s.key: summary(s, by_key.get(REFERENCE), by_key.get(BASELINE),
+                                   [by_key[k] for k in PAIRED[1] if k in by_key])
                     for s in systems},
     }
     result["wall_s"] = round(time.perf_counter() - started, 1)

@@ -125,9 +125,21 @@ def markdown(result: dict) -> str:
               "generated; 4-bit systems are expected to part from fp32 early.",
               "Perplexity: " + result.get("perplexity_text", "held-out text") + "; — where "
               "a system's API gives no logits (the JSON says why).", ""]
+    paired = [_paired_line(s, result["systems"], contexts)
+              for s in result["systems"].values() if s.get("faster_than_in_repeats")]
+    if paired:
+        lines += ["Paired repeats (the systems alternate within each repeat; ctx "
+                  + " / ".join(contexts) + "):", *paired, ""]
     if notes:
         lines += ["Notes:", *notes, ""]
     return "\n".join(lines)
+
+
+def _paired_line(system: dict, systems: dict, contexts: list[str]) -> str:
+    parts = [f"{systems[peer]['label']} in "
+             + " / ".join(wins.get(c, "—") for c in contexts)
+             for peer, wins in system["faster_than_in_repeats"].items()]
+    return f"- {system['label']}: decoded faster than " + "; than ".join(parts) + " repeats"
 
 
 if __name__ == "__main__":
