@@ -76,8 +76,10 @@ def matmul_nbits(ctx: LowerContext, node: Node) -> str:
     if offsets_bN is None:
         return y
     # + block_sums(x) @ offsets, in float from the unrounded x (quant_math.block_sums)
+    from arcompile.passes.quant_math import blocks_of  # not at import: passes load the pipeline
+
     K, block_size, rank = node.attrs["K"], node.attrs["block_size"], len(x.shape)
-    nb = -(-K // block_size)
+    nb = blocks_of(K, block_size)
     x_padded = ctx.name(x)
     if nb * block_size != K:  # zeros up to whole blocks, on the last axis only
         x_padded = ctx.op("Pad", [x_padded, ctx.i64([0] * (2 * rank - 1) + [nb * block_size - K])])
@@ -89,9 +91,11 @@ def matmul_nbits(ctx: LowerContext, node: Node) -> str:
 @lowering("arc.gather_nbits")
 def gather_nbits(ctx: LowerContext, node: Node) -> str:
     # rows of ((code - zero) * scale), the table stored as for MatMulNBits
+    from arcompile.passes.quant_math import blocks_of
+
     indices, packed, scales, *rest = node.inputs
     K, N, block_size = node.attrs["K"], node.attrs["N"], node.attrs["block_size"]
-    n_blocks = -(-K // block_size)
+    n_blocks = blocks_of(K, block_size)
     inputs = [ctx.op("Reshape", [ctx.name(packed), ctx.i64([N, -1])]), ctx.name(indices),
               ctx.op("Reshape", [ctx.name(scales), ctx.i64([N, n_blocks])])]
     if node.attrs.get("has_zero_points"):
