@@ -37,6 +37,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         detail = (f" ({s['method']}, group {s['block_size']}, zero point "
                   f"{s.get('zero_point', '?')}, LM head {s['lm_head']}"
                   + (", embedding from the LM head" if s.get("embedding") == "lm_head" else "")
+                  + (", QDQ weights" if q.get("weight_format") == "qdq" else "")
                   + ")" if "lm_head" in s else "")
         what = " + ".join(([f"{q['mode']}{detail}"] if q["mode"] else [])
                           + (["int8 KV cache"] if q.get("kv_cache") else []))
@@ -195,6 +196,11 @@ def add_transform_options(p: argparse.ArgumentParser) -> None:
                         "keeps the float table; lm-head reads the quantized LM head's table "
                         "where the two are tied, so the engine holds those weights once "
                         "(smaller, and the lookup is quantized too)")
+    p.add_argument("--weight-format", choices=("matmulnbits", "qdq"), default=None,
+                   help="with --quantize int8/int4: how the weights are written; matmulnbits "
+                        "(default: ONNX Runtime's MatMulNBits) or qdq (standard "
+                        "DequantizeLinear -> MatMul, the form TensorRT reads, with "
+                        "--zero-point none; ONNX Runtime fuses it back into MatMulNBits)")
     p.add_argument("--zero-point", choices=("none", "int", "float"), default=None,
                    help="with --quantize int8/int4: none (symmetric), int (asymmetric, "
                         "MatMulNBits' integer zero point; int4 gptq's default) or float "
@@ -213,7 +219,7 @@ def transform_options(args: argparse.Namespace) -> dict:
                 max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
                 calibration_samples=args.calibration_samples, lm_head=args.lm_head,
                 zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip,
-                embedding=args.embedding)
+                embedding=args.embedding, weight_format=args.weight_format)
 
 
 def build_parser() -> argparse.ArgumentParser:

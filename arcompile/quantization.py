@@ -86,6 +86,10 @@ DEFAULT_LM_HEAD = {"int8": {"rtn": "int8", "gptq": "int8"},
 # (accuracy first; the lookup reads one row per token, so the table costs no speed)
 EMBEDDINGS = ("fp32", "lm-head")
 DEFAULT_EMBEDDING = "fp32"
+# How int8 / int4 weights are written: ORT's MatMulNBits (default), or standard ONNX
+# DequantizeLinear -> MatMul, the form TensorRT reads and ORT fuses back into MatMulNBits
+# (runtimes/onnxruntime/ops_arc_quant_qdq.py). w8a8 is always Q/DQ.
+WEIGHT_FORMATS = ("matmulnbits", "qdq")
 DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}
 # int8: blocks of 32, not the pass's 128: ORT's fast path (accuracy_level 4) rounds the
 # activations to int8 per block too, and on SmolLM2 blocks of 128 cost +1.2% perplexity
@@ -130,7 +134,8 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
              method: str | None = None, calibration_samples: int | None = None,
              max_tokens: int | None = None, lm_head: str | None = None,
              zero_point: str | None = None, kv_cache_dtype: str | None = None,
-             embedding: str | None = None) -> tuple[list, dict]:
+             embedding: str | None = None,
+             weight_format: str | None = None) -> tuple[list, dict]:
     """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
     ``mode`` None: weights stay float (an int8 KV cache alone). ``kv_cache_dtype="int8"``:
     ``QuantizeKVCache`` after them, inside the same gate.
@@ -138,6 +143,8 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     "int8" or "int4", None for the mode's default (``DEFAULT_LM_HEAD``). ``zero_point``: "none"
     (symmetric), "int" or "float", None for the method's default (``INT4_ZERO_POINT``).
     ``embedding``: "fp32" or "lm-head" (``EMBEDDINGS``), None for ``DEFAULT_EMBEDDING``.
+    ``weight_format``: "matmulnbits" or "qdq" (``WEIGHT_FORMATS``), None for the first; with
+    "qdq" the entry names what keeps the weights from TensorRT's documented form.
     ``max_tokens``: the model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
@@ -149,6 +156,8 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     if mode is None and not kv_int8:
         raise ArcompileError("nothing to quantize: pass a --quantize mode or "
                              "--kv-cache-dtype int8")
+    if mode is None and weight_format is not None:
+        raise ArcompileError("--weight-format applies to --quantize int8 or int4")
     flags = describe(mode, kv_int8)
     passes, quantizer, limit = [], None, 0.0
     if mode is not None:
@@ -163,7 +172,7 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
             passes = mode_passes(graph, mode, group_size, method, calibration_samples,
                                  tokenizer, vocab, say, lm_head=lm_head,
                                  max_tokens=max_tokens, zero_point=zero_point,
-                                 embedding=embedding)
+                                 embedding=embedding, weight_format=weight_format)
         except ValueError as e:
             raise ArcompileError(str(e)) from None
         quantizer = passes[-1]  # the mode's last pass quantizes (w8a8: smooth_quant first)
@@ -215,12 +224,33 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
             f"{flags}: perplexity rose from {ppl_before:.3f} to {ppl_after:.3f} "
             f"({increase:+.2%}) on {len(ids)} tokens of {text}, beyond --max-ppl-increase "
             f"{limit:.2%} (greedy agreement {agreement:.1%}); nothing was written. {hint}")
+    formats = {}
+    if mode in DEFAULT_LM_HEAD:  # weight-only: how the weights are written
+        formats = weight_format_entry(graph, weight_format or WEIGHT_FORMATS[0], say)
     return records, {"mode": mode, "settings": quantizer.settings() if quantizer else {},
+                     **formats,
                      "text": text, "tokens": len(ids), "perplexity_unquantized": ppl_before,
                      "perplexity": ppl_after, "perplexity_increase": increase,
                      "max_ppl_increase": limit, "greedy_agreement": agreement,
                      **({"kv_cache": kv_entry} if kv_entry else {}),
                      **({"seconds": timings} if timings else {}), "_ids": ids}
+
+
+def weight_format_entry(graph, weight_format: str, say: Callable[[str], None]) -> dict:
+    """Lower ``graph``'s quantized weights in ``weight_format``; the manifest's record of it
+    (with "qdq", what keeps them from TensorRT's documented form, if anything)."""
+    if weight_format == "matmulnbits":
+        return {"weight_format": weight_format}
+    from arcompile.runtimes.onnxruntime.ops_arc_quant import META_KEY
+    from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import tensorrt_form_issues
+
+    graph.meta[META_KEY] = "qdq"
+    issues = tensorrt_form_issues(graph)
+    say("  weights as DequantizeLinear -> MatMul (QDQ); "
+        + ("not in TensorRT's documented weight-only form: " + "; ".join(issues) if issues
+           else "symmetric, in TensorRT's documented weight-only form (not built with "
+                "TensorRT here)"))
+    return {"weight_format": weight_format, "tensorrt_form_issues": issues}
 
 
 def describe(mode: str | None, kv_int8: bool) -> str:
@@ -256,15 +286,22 @@ def mode_passes(graph, mode: str, group_size: int | None, method: str,
                 calibration_samples: int | None, tokenizer: Any, vocab: int,
                 say: Callable[[str], None], lm_head: str | None = None,
                 max_tokens: int | None = None, zero_point: str | None = None,
-                embedding: str | None = None) -> list:
+                embedding: str | None = None, weight_format: str | None = None) -> list:
     """The passes that quantize ``graph`` for ``mode`` / ``method``; the last one (the
     quantizer) has its ``settings()`` put into the manifest and must have quantized something.
     A ValueError says what setting is wrong."""
     for flag, value in (("--lm-head", lm_head), ("--zero-point", zero_point),
-                        ("--embedding", embedding)):
+                        ("--embedding", embedding), ("--weight-format", weight_format)):
         if value is not None and mode not in DEFAULT_LM_HEAD:
             raise ValueError(f"{flag} applies to --quantize {' or '.join(DEFAULT_LM_HEAD)}, "
                              f"not {mode}")
+    if weight_format not in (None, *WEIGHT_FORMATS):
+        raise ValueError(f"--weight-format {weight_format!r} is not one of "
+                         f"{', '.join(WEIGHT_FORMATS)}")
+    if weight_format == "qdq" and embedding == "lm-head":
+        raise ValueError("--embedding lm-head has no QDQ form (the lookup in the quantized "
+                         "table is ONNX Runtime's GatherBlockQuantized); use --embedding fp32 "
+                         "with --weight-format qdq")
     if mode == "w8a8":
         return w8a8_passes(group_size, method, calibration_samples, tokenizer, vocab, say,
                            max_tokens)

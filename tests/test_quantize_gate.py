@@ -128,6 +128,11 @@ def test_cli_quantization_flags_reach_the_manifest(tmp_path, capsys, llama_archi
     (["--quantize", "int4", "--quant-method", "rtn", "--calibration-samples", "4"],
      "applies to a calibrated --quant-method"),
     (["--quantize", "w8a8", "--lm-head", "int4"], "--lm-head applies to --quantize int8 or int4"),
+    (["--weight-format", "qdq"], "weight_format without quantize"),
+    (["--quantize", "w8a8", "--weight-format", "qdq"],
+     "--weight-format applies to --quantize int8 or int4"),
+    (["--quantize", "int4", "--weight-format", "qdq", "--embedding", "lm-head"],
+     "--embedding lm-head has no QDQ form"),
 ])
 def test_cli_quantization_flags_refuse_bad_values(tmp_path, capsys, llama_archive, argv,
                                                    message):
@@ -138,8 +143,47 @@ def test_cli_quantization_flags_refuse_bad_values(tmp_path, capsys, llama_archiv
     assert not out.exists()
 
 
+def test_cli_weight_format_qdq_writes_dequantize_linear_and_decodes_alike(tmp_path, capsys,
+                                                                         llama_archive):
+    import onnx
+
+    engines = {}
+    for form in ("matmulnbits", "qdq"):
+        out = tmp_path / form
+        assert main(["optimize", str(llama_archive), "-o", str(out), "--quantize", "int4",
+                     "--quant-method", "rtn", "--zero-point", "none", "--lm-head", "int4",
+                     "--weight-format", form]) == 0
+        q = json.loads((out / "arcompile.json").read_text())["quantization"]
+        assert q["weight_format"] == form
+        assert abs(q["perplexity_onnxruntime"] / q["perplexity"] - 1) <= 0.02
+        kinds = [n.op_type for n in onnx.load(out / "model.onnx",
+                                              load_external_data=False).graph.node]
+        engines[form] = (q, kinds, arcompile.load(out).generate([5, 17, 42, 8],
+                                                                 max_new_tokens=8))
+    q, kinds, tokens = engines["qdq"]
+    assert q["tensorrt_form_issues"] == []  # symmetric int4 in blocks
+    assert "MatMulNBits" not in kinds and kinds.count("DequantizeLinear") == 9
+    assert "MatMulNBits" in engines["matmulnbits"][1]
+    assert "tensorrt_form_issues" not in engines["matmulnbits"][0]
+    assert q["perplexity"] == engines["matmulnbits"][0]["perplexity"]  # same IR, same codes
+    assert tokens == engines["matmulnbits"][2]
+    printed = capsys.readouterr()
+    assert "QDQ weights" in printed.out and "TensorRT's documented weight-only form" in printed.err
+    # the int4 default (integer zero points) in QDQ: written, and told why TensorRT would not
+    out = tmp_path / "asym"
+    assert main(["optimize", str(llama_archive), "-o", str(out), "--quantize", "int4",
+                 "--quant-method", "rtn", "--zero-point", "int", "--weight-format", "qdq"]) == 0
+    q = json.loads((out / "arcompile.json").read_text())["quantization"]
+    issues = q["tensorrt_form_issues"]  # and rtn's default LM head is int8 in blocks
+    assert [line.split(" (")[0] for line in issues] == ["int8 weights in blocks",
+                                                       "integer zero points"]
+    assert "--lm-head int4 or fp32" in issues[0] and "--lm-head" not in issues[1]
+    assert "not in TensorRT's documented weight-only form" in capsys.readouterr().err
+
+
 def test_cli_quantization_flags_take_only_known_values(tmp_path, llama_archive):
     for bad in (["--quantize", "int4", "--lm-head", "int2"],
+                ["--quantize", "int4", "--weight-format", "int4"],
                 ["--quantize", "int4", "--quant-method", "awq"]):
         with pytest.raises(SystemExit):  # argparse's choices
             main(["optimize", str(llama_archive), "-o", str(tmp_path / "out"), *bad])

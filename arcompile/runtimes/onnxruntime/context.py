@@ -71,8 +71,7 @@ class LowerContext:
     def _weight(self, value: Value) -> str:
         t = value.data
         # Tied weights: two constants viewing the same storage the same way are one tensor.
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-               tuple(t.stride()), t.dtype)
+        key = storage_key(t)
         if key not in self._storages:
             name = self.fresh(value.producer.attrs.get("name") or value.name)
             self.weights[name] = t
@@ -85,12 +84,22 @@ class LowerContext:
         are streamed into the data file part by part (``weights.ConcatParts``), never held."""
         from arcompile.runtimes.onnxruntime.weights import ConcatParts
 
-        key = ("concat", dim) + tuple(
-            (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
-             tuple(t.stride()), t.dtype) for t in (v.data for v in parts))
+        key = ("concat", dim) + tuple(storage_key(v.data) for v in parts)
         if key not in self._storages:
             name = self.fresh(base)
             self.weights[name] = ConcatParts([v.data for v in parts], dim)
+            self._storages[key] = name
+        return self._storages[key]
+
+    def derived_weight(self, kind: str, sources: list[Value], base: str,
+                       build: Callable[[], Any]) -> str:
+        """One initializer holding ``build()`` (a tensor or a ``weights`` stand-in), made
+        from the constants ``sources``: built once per ``kind`` and sources, so a weight
+        two nodes share is rewritten and written once (the QDQ form of a quantized weight)."""
+        key = ("derived", kind) + tuple(storage_key(v.data) for v in sources)
+        if key not in self._storages:
+            name = self.fresh(base)
+            self.weights[name] = build()
             self._storages[key] = name
         return self._storages[key]
 
@@ -220,6 +229,12 @@ class LowerContext:
 
     def _where(self) -> str:
         return self._node.where() if self._node is not None else "lowering"
+
+
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for two tensors viewing the same storage the same way (tied weights)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+            tuple(t.stride()), t.dtype)
 
 
 def rank(value: Value) -> int:

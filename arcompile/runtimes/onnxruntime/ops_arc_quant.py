@@ -48,18 +48,36 @@ blob]`` (the MatMulNBits codes reshaped), scales ``[N, n_blocks]``, zero points 
 packs them per row, ``gather_axis=0``, ``quantize_axis=1``. Its rows come back padded to whole
 blocks (640 wide for K=576 in blocks of 128), so a Slice cuts them to K. The reshapes of the
 shared initializers are constant-folded by ORT; the data file holds the table once.
+
+Two forms of arc.matmul_nbits, chosen per graph with ``graph.meta[META_KEY]``:
+``"matmul_nbits"`` (default, above) and ``"qdq"``: standard DequantizeLinear -> MatMul, the
+form TensorRT reads (``ops_arc_quant_qdq``). arc.gather_nbits has no QDQ form.
 """
 
 from __future__ import annotations
 
-from arcompile.ir.graph import Node
+from arcompile.errors import UnsupportedOpError
+from arcompile.ir.graph import Node, Value
 from arcompile.runtimes.onnxruntime.context import LowerContext
+from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import matmul_nbits_qdq
 from arcompile.runtimes.onnxruntime.registry import lowering
+
+META_KEY = "onnxruntime.weight_lowering"
+FORMS = ("matmul_nbits", "qdq")
+
+
+def weight_form(ctx: LowerContext) -> str:
+    form = ctx.graph.meta.get(META_KEY, "matmul_nbits")
+    if form not in FORMS:
+        raise UnsupportedOpError(f"graph.meta['{META_KEY}'] is {form!r}; expected one of {FORMS}")
+    return form
 
 
 @lowering("arc.matmul_nbits")
 def matmul_nbits(ctx: LowerContext, node: Node) -> str:
     # y = x @ ((code - zero) * scale)^T + bias, blocks of block_size along K
+    if weight_form(ctx) == "qdq":
+        return matmul_nbits_qdq(ctx, node)
     x, packed, scales, *rest = node.inputs
     it = iter(rest)
     zero_points = next(it) if node.attrs.get("has_zero_points") else None
@@ -73,9 +91,11 @@ def matmul_nbits(ctx: LowerContext, node: Node) -> str:
     y = ctx.op("MatMulNBits", inputs, domain="com.microsoft", K=node.attrs["K"],
                N=node.attrs["N"], bits=node.attrs["bits"], block_size=node.attrs["block_size"],
                accuracy_level=node.attrs.get("accuracy_level", 0))
-    if offsets_bN is None:
-        return y
-    # + block_sums(x) @ offsets, in float from the unrounded x (quant_math.block_sums)
+    return y if offsets_bN is None else plus_block_offsets(ctx, node, x, y, offsets_bN)
+
+
+def plus_block_offsets(ctx: LowerContext, node: Node, x: Value, y: str, offsets_bN: Value) -> str:
+    """``y + block_sums(x) @ offsets``, in float from the unrounded x (quant_math.block_sums)."""
     from arcompile.passes.quant_math import blocks_of  # not at import: passes load the pipeline
 
     K, block_size, rank = node.attrs["K"], node.attrs["block_size"], len(x.shape)
@@ -93,6 +113,11 @@ def gather_nbits(ctx: LowerContext, node: Node) -> str:
     # rows of ((code - zero) * scale), the table stored as for MatMulNBits
     from arcompile.passes.quant_math import blocks_of
 
+    if weight_form(ctx) == "qdq":
+        raise UnsupportedOpError(
+            f"{node.op} (from module '{node.module or '<top>'}'): a lookup in a quantized table "
+            "has no QDQ form (GatherBlockQuantized is ONNX Runtime's own op); keep the "
+            "embedding in float (--embedding fp32) for --weight-format qdq")
     indices, packed, scales, *rest = node.inputs
     K, N, block_size = node.attrs["K"], node.attrs["N"], node.attrs["block_size"]
     n_blocks = blocks_of(K, block_size)

@@ -5,6 +5,9 @@ tensor's bytes go straight from the torch tensor (a contiguous view, no copy whe
 is contiguous) into the data file, and its TensorProto only records location, offset and
 length. Offsets are aligned so ORT can memory-map the file and kernels get aligned data.
 Tensors of a few elements stay inline: an external reference would cost more than they do.
+Two stand-ins take a tensor's place where no torch tensor has the bytes as written:
+``ConcatParts`` (a concatenation streamed part by part) and ``Nibbles`` (ONNX's 4-bit types,
+which torch has no dtype for).
 """
 
 from __future__ import annotations
@@ -35,19 +38,19 @@ def write_weights(weights: dict[str, torch.Tensor], data_path: Path) -> list[Ten
     with open(data_path, "wb") as f:
         for name, t in weights.items():
             dims = list(t.shape)
-            nbytes = t.numel() * t.element_size()
+            nbytes = _nbytes(t)
             if nbytes <= INLINE_MAX_BYTES:
                 if isinstance(t, ConcatParts):
                     t = t.materialize()
-                raw = tensor_bytes(t).tobytes() if nbytes else b""
-                protos.append(helper.make_tensor(name, onnx_type(t.dtype), dims, raw, raw=True))
+                raw = tensor_bytes(t.packed if isinstance(t, Nibbles) else t).tobytes()
+                protos.append(helper.make_tensor(name, _element_type(t), dims, raw, raw=True))
                 continue
             align = PAGE if nbytes >= PAGE else ALIGN
             pad = -offset % align
             if pad:
                 f.write(b"\0" * pad)
                 offset += pad
-            if isinstance(t, ConcatParts):
+            if isinstance(t, (ConcatParts, Nibbles)):
                 t.write(f)
             else:
                 f.write(tensor_bytes(t))
@@ -59,12 +62,40 @@ def write_weights(weights: dict[str, torch.Tensor], data_path: Path) -> list[Ten
 def external_tensor(name: str, t: torch.Tensor, location: str, offset: int,
                     length: int) -> TensorProto:
     """A TensorProto that points at ``length`` bytes at ``offset`` in ``location``."""
-    proto = TensorProto(name=name, data_type=onnx_type(t.dtype), dims=list(t.shape))
+    proto = TensorProto(name=name, data_type=_element_type(t), dims=list(t.shape))
     proto.data_location = TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", offset), ("length", length)):
         entry = proto.external_data.add()
         entry.key, entry.value = key, str(value)
     return proto
+
+
+def _nbytes(t) -> int:
+    return t.nbytes if isinstance(t, Nibbles) else t.numel() * t.element_size()
+
+
+def _element_type(t) -> int:
+    return t.element_type if isinstance(t, Nibbles) else onnx_type(t.dtype)
+
+
+class Nibbles:
+    """An ONNX INT4 / UINT4 tensor of logical ``shape``: its elements in row-major order,
+    two to a byte, the first in the low nibble (ONNX's layout; ``packed`` uint8 holds them,
+    the last byte's high nibble zero when the count is odd). Stands in for a tensor in
+    ``LowerContext.weights``: the TensorProto gets ``shape`` and the 4-bit type, the data
+    file ``packed``'s bytes."""
+
+    def __init__(self, packed: torch.Tensor, shape: tuple[int, ...], signed: bool):
+        self.shape = torch.Size(shape)
+        if packed.dtype != torch.uint8 or packed.numel() != -(-self.shape.numel() // 2):
+            raise ValueError(f"{packed.numel()} {packed.dtype} bytes do not hold a 4-bit "
+                             f"tensor of shape {tuple(shape)}")
+        self.packed = packed.reshape(-1)
+        self.element_type = TensorProto.INT4 if signed else TensorProto.UINT4
+        self.nbytes = self.packed.numel()
+
+    def write(self, f) -> None:
+        f.write(tensor_bytes(self.packed))
 
 
 class ConcatParts:
