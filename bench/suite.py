@@ -143,6 +143,16 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
          {"quantize": "int4", "group_size": 64, "kv_cache_dtype": "int8"},
          "the same weights, and the cache in int8 (GroupQueryAttention's quantized cache): a "
          "quarter of the cache bytes read per token, which int4 weights leave untouched"),
+        ("arcompile_int4_sym", "arcompile default + --quantize int4 --zero-point none "
+         "--lm-head int4", "int4 weights, symmetric", "default", True, True,
+         {"quantize": "int4", "zero_point": "none", "lm_head": "int4"},
+         "MatMulNBits 4-bit symmetric weights, the head too: the twin of arcompile_int4_qdq"),
+        ("arcompile_int4_qdq", "arcompile default + --quantize int4 --zero-point none "
+         "--lm-head int4 --weight-format qdq", "int4 weights, symmetric, QDQ", "default", True,
+         True, {"quantize": "int4", "zero_point": "none", "lm_head": "int4",
+                "weight_format": "qdq"},
+         "the same weights as DequantizeLinear -> MatMul (TensorRT's weight-only form), which "
+         "ONNX Runtime fuses back into MatMulNBits"),
         ("arcompile_w8a8", "arcompile default + --quantize w8a8", "int8 weights and "
          "activations", "default", True, True, {"quantize": "w8a8"},
          "SmoothQuant, static int8 activation scales (MatMulIntegerToFloat), the default "
