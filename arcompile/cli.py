@@ -44,6 +44,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"quantization: {what}, perplexity "
               f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
               f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
+        if q.get("fallback"):
+            kept = q["fallback"]["kept_float"]
+            print(f"  kept in float by the gate's fallback ({len(kept)} of "
+                  f"{q['fallback']['modules']} modules): {', '.join(kept)}")
     if report.manifest.get("skip_ffn"):
         s = report.manifest["skip_ffn"]
         ppl = s.get("perplexity") or {}
@@ -196,6 +200,11 @@ def add_transform_options(p: argparse.ArgumentParser) -> None:
                         "keeps the float table; lm-head reads the quantized LM head's table "
                         "where the two are tied, so the engine holds those weights once "
                         "(smaller, and the lookup is quantized too)")
+    p.add_argument("--gate-fallback", action="store_true", default=None,
+                   help="with --quantize int8/int4: when perplexity rises beyond "
+                        "--max-ppl-increase, keep the modules whose weights quantize worst "
+                        "in float, as few as it takes, instead of failing (the manifest "
+                        "lists them)")
     p.add_argument("--weight-format", choices=("matmulnbits", "qdq"), default=None,
                    help="with --quantize int8/int4: how the weights are written; matmulnbits "
                         "(default: ONNX Runtime's MatMulNBits) or qdq (standard "
@@ -219,7 +228,8 @@ def transform_options(args: argparse.Namespace) -> dict:
                 max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
                 calibration_samples=args.calibration_samples, lm_head=args.lm_head,
                 zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip,
-                embedding=args.embedding, weight_format=args.weight_format)
+                embedding=args.embedding, weight_format=args.weight_format,
+                gate_fallback=bool(args.gate_fallback))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,8 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              calibration_samples: int | None = None, lm_head: str | None = None,
              zero_point: str | None = None, skip: float | None = None,
              kv_cache_dtype: str | None = None, embedding: str | None = None,
-             weight_format: str | None = None, **options: Any) -> OptimizeReport:
+             weight_format: str | None = None, gate_fallback: bool = False,
+             **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -91,8 +92,10 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     ``"int8"`` or ``"int4"``; ``zero_point``: ``"none"`` (symmetric), ``"int"`` or ``"float"``
     (Q4_1's float minimum); ``embedding``: ``"lm-head"`` (a lookup tied to the quantized LM
     head reads its quantized table) or ``"fp32"``; ``weight_format``: ``"matmulnbits"``
-    (ORT's kernel) or ``"qdq"`` (standard DequantizeLinear -> MatMul, TensorRT's form): see
-    ``arcompile/quantization.py`` for the defaults. ``skip``: layer-skip
+    (ORT's kernel) or ``"qdq"`` (standard DequantizeLinear -> MatMul, TensorRT's form);
+    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in float, as few
+    as pass it (``quant_fallback.py``) instead of failing: see ``arcompile/quantization.py``
+    for the defaults. ``skip``: layer-skip
     routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
     (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
     run-time flag (``generate(skip=...)``, ``speculative="self"``). ``kv_cache_dtype``:
@@ -107,6 +110,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         given = [name for name, v in (("quant_method", quant_method), ("lm_head", lm_head),
                                       ("zero_point", zero_point), ("embedding", embedding),
                                       ("weight_format", weight_format),
+                                      ("gate_fallback", gate_fallback or None),
                                       ("calibration_samples", calibration_samples))
                  if v is not None]
         if given:
@@ -185,7 +189,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
             method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
             zero_point=zero_point, kv_cache_dtype=kv_cache_dtype, embedding=embedding,
-            weight_format=weight_format, max_tokens=context)
+            weight_format=weight_format, gate_fallback=gate_fallback, max_tokens=context)
         records += quant_records
         extra["quantization"] = quantized
 

@@ -134,8 +134,8 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
              method: str | None = None, calibration_samples: int | None = None,
              max_tokens: int | None = None, lm_head: str | None = None,
              zero_point: str | None = None, kv_cache_dtype: str | None = None,
-             embedding: str | None = None,
-             weight_format: str | None = None) -> tuple[list, dict]:
+             embedding: str | None = None, weight_format: str | None = None,
+             gate_fallback: bool = False) -> tuple[list, dict]:
     """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
     ``mode`` None: weights stay float (an int8 KV cache alone). ``kv_cache_dtype="int8"``:
     ``QuantizeKVCache`` after them, inside the same gate.
@@ -145,6 +145,8 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     ``embedding``: "fp32" or "lm-head" (``EMBEDDINGS``), None for ``DEFAULT_EMBEDDING``.
     ``weight_format``: "matmulnbits" or "qdq" (``WEIGHT_FORMATS``), None for the first; with
     "qdq" the entry names what keeps the weights from TensorRT's documented form.
+    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in float, as few
+    as pass it (``quant_fallback.py``; int8 / int4 weights alone).
     ``max_tokens``: the model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
@@ -158,6 +160,9 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
                              "--kv-cache-dtype int8")
     if mode is None and weight_format is not None:
         raise ArcompileError("--weight-format applies to --quantize int8 or int4")
+    if gate_fallback and (mode not in DEFAULT_LM_HEAD or kv_int8):
+        raise ArcompileError("--gate-fallback keeps int8 / int4 weights in float; it applies "
+                             "to --quantize int8 or int4 without --kv-cache-dtype int8")
     flags = describe(mode, kv_int8)
     passes, quantizer, limit = [], None, 0.0
     if mode is not None:
@@ -185,8 +190,12 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
                                                                    if kv_int8 else []))
     say(f"quantizing {what}, gated at +{limit:.1%} perplexity on {len(ids)} tokens of {text}")
     before = graph_logits(graph, ids)
-    records, timings, after = [], {}, before
+    records, timings, after, fallback = [], {}, before, None
     if passes:
+        if gate_fallback:
+            from arcompile.passes.insert_kv_cache import _copy_graph
+
+            float_graph = _copy_graph(graph)
         records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks],
                               log=say).run(graph)
         timings = dict(getattr(quantizer, "timings", None) or {})  # weight-only modes
@@ -197,6 +206,16 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
             raise ArcompileError(f"--quantize {mode}: no linear was quantized: "
                                  + "; ".join(records[len(passes) - 1].notes[:3]))
         after = graph_logits(graph, ids)
+        _, ppl_quantized, increase, _ = _figures(before, after, ids)
+        if gate_fallback and not increase <= limit:
+            from arcompile.quant_fallback import fall_back
+
+            say(f"  perplexity {ppl_quantized:.3f} ({increase:+.2%}) is beyond +{limit:.1%}")
+            done = fall_back(graph, float_graph, passes, quantizer, ids, before, limit, say)
+            if done is None:
+                say("  fallback: no count of modules in float short of all passes the gate")
+            else:
+                records, after, fallback = done
     kv_entry = None
     if kv_int8:  # after the weights: its scales are those of the step that ships
         weights_only = after
@@ -220,6 +239,10 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     if not increase <= limit:
         hint = ("Try int8, a smaller --group-size, or allow more with --max-ppl-increase"
                 if mode else "Keep the float cache, or allow more with --max-ppl-increase")
+        if mode in DEFAULT_LM_HEAD and not kv_int8:
+            hint += (" (--gate-fallback found no modules to keep in float that pass)"
+                     if gate_fallback else
+                     ", or let --gate-fallback keep the worst-quantized modules in float")
         raise ArcompileError(
             f"{flags}: perplexity rose from {ppl_before:.3f} to {ppl_after:.3f} "
             f"({increase:+.2%}) on {len(ids)} tokens of {text}, beyond --max-ppl-increase "
@@ -228,7 +251,7 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     if mode in DEFAULT_LM_HEAD:  # weight-only: how the weights are written
         formats = weight_format_entry(graph, weight_format or WEIGHT_FORMATS[0], say)
     return records, {"mode": mode, "settings": quantizer.settings() if quantizer else {},
-                     **formats,
+                     **formats, **({"fallback": fallback} if fallback else {}),
                      "text": text, "tokens": len(ids), "perplexity_unquantized": ppl_before,
                      "perplexity": ppl_after, "perplexity_increase": increase,
                      "max_ppl_increase": limit, "greedy_agreement": agreement,

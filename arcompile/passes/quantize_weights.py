@@ -42,6 +42,13 @@ the float table goes dead and the engine holds the weights once, quantized (coun
 lookup kernel reads its block offsets; noted, the lookup stays float) nor for an untied
 table, which stays float. ``embedding="fp32"`` (the pass's default) keeps every lookup float.
 
+``keep_float`` (module names) keeps those modules' linears in float, noted: the perplexity
+gate's fallback (``quantization.py``) ranks modules by ``errors`` (per module, the largest
+relative error of its quantized weights: on the calibration activations with GPTQ,
+``|(W - Q) x|^2 / |W x|^2`` summed over them, else in the weights, ``|W - Q|^2 / |W|^2``) and
+runs the pass again with the worst kept in float. A run reuses the weights an earlier run of
+the same pass quantized (by the float weights' names), so only the first one calibrates.
+
 Numbers: changes the logits by design (round-to-nearest: |w - dequant(w)| <= scale / 2 per
 element; GPTQ: every element on its block's grid, a smaller error on the calibration
 activations), so the pass manager's max|Δlogit| check cannot hold it; its gate is perplexity
@@ -53,7 +60,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 
@@ -99,6 +106,12 @@ class Format:
     zero_point: str  # "none", "int" or "float" (ZERO_POINTS)
 
     @property
+    def errors_measure(self) -> str:
+        """What ``errors`` measures."""
+        return ("the relative output error on the calibration text" if self.method == "gptq"
+                else "the relative weight error")
+
+    @property
     def rule(self) -> str:
         return f"int{self.bits}_g{self.block_size}_{ZERO_POINTS[self.zero_point]}"
 
@@ -124,7 +137,8 @@ class QuantizeWeights(Pass):
                  zero_point: str | None = None, lm_head_bits: int | None = None,
                  lm_head_zero_point: str | None = None, method: str = "rtn",
                  calibration: Sequence[Sequence[int]] | None = None,
-                 calibration_text: str | None = None, embedding: str = "fp32"):
+                 calibration_text: str | None = None, embedding: str = "fp32",
+                 keep_float: Collection[str] = ()):
         if bits not in (4, 8):
             raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits}")
         self.bits = bits
@@ -174,6 +188,17 @@ class QuantizeWeights(Pass):
             self.zero_point if self.lm_head_bits == bits else
             DEFAULT_ZERO_POINT[self.lm_head_bits]))
         self.timings: dict[str, float] = {}  # seconds: "calibration", "quantization"
+        self.keep_float = set(keep_float)
+        # module -> the largest relative error of its quantized weights (module docstring)
+        self.errors: dict[str, float] = {}
+        # (the float weights' names, dim, layout) -> (quantized, relative error), across runs
+        self._made: dict[tuple, tuple[QuantizedWeight, float]] = {}
+
+    @property
+    def errors_measure(self) -> str:
+        """What ``errors`` measures."""
+        return ("the relative output error on the calibration text" if self.method == "gptq"
+                else "the relative weight error")
 
     @property
     def rule(self) -> str:
@@ -197,7 +222,7 @@ class QuantizeWeights(Pass):
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
         self._moments: dict[tuple, SecondMoment] = {}
-        if self.method == "gptq":
+        if self.method == "gptq" and self._uncached(graph):
             start = time.perf_counter()
             self._moments = {key: moment for key, (_, moment)
                              in self.second_moments(graph).items()}
@@ -213,12 +238,18 @@ class QuantizeWeights(Pass):
             if not m:
                 result.note(f"kept {node.op} at {node.module or '<top>'} in float: {m.reason}")
                 continue
+            if node.module in self.keep_float:
+                result.note(f"kept {node.op} at {node.module or '<top>'} in float: asked "
+                            f"(keep_float: the perplexity gate's fallback)")
+                continue
             if node.op == "arc.gated_mlp":
                 self._rewrite_gated_mlp(graph, node, m, done)
             elif node.op == "arc.split_linear":
                 self._rewrite_split_linear(graph, node, m, done)
             else:
                 self._rewrite_linear(graph, node, m, done)
+            self.errors[node.module] = max(self._made[_stable(s.key)][1]
+                                           for s, _ in m["sites"])
             site = m["sites"][0][0]
             if site.lm_head and self.embedding == "lm_head":
                 self._share_table(graph, site, done, result)
@@ -229,6 +260,14 @@ class QuantizeWeights(Pass):
         return result
 
     # -- calibration ------------------------------------------------------------------
+    def _uncached(self, graph: Graph) -> bool:
+        """Whether a weight this run would quantize was not quantized by an earlier run."""
+        for node in graph.nodes():
+            m = self._match(graph, node)
+            if m and any(_stable(site.key) not in self._made for site, _ in m["sites"]):
+                return True
+        return False
+
     def second_moments(self, graph: Graph) -> dict[tuple, tuple[Site, SecondMoment]]:
         """Per weight this pass would quantize (by its key): the Site and ``E[x^T x]`` of
         what it multiplies, over the calibration sequences run in the reference interpreter
@@ -395,14 +434,22 @@ class QuantizeWeights(Pass):
 
     # -- building ---------------------------------------------------------------------
     def _quantized(self, site: Site) -> QuantizedWeight:
-        """``site``'s weight in its format, by this pass's method."""
+        """``site``'s weight in its format, by this pass's method (or as an earlier run
+        quantized it); its relative error goes into ``_made`` beside it."""
+        stable = _stable(site.key)
+        if stable in self._made:
+            return self._made[stable][0]
         f = self._format(site)
         moment = self._moments.pop(site.key, None)  # [K, K] float64 each: free as we go
         # (no moment: its linear never ran on the calibration text; round-to-nearest then)
-        if self.method == "gptq" and moment is not None:
-            return gptq(site.weight_NK, moment.hessian, f.bits, f.block_size, f.zero_point)
-        return quantize(site.weight_NK, f.bits, f.block_size, f.zero_point == "none",
-                        float_minimum=f.zero_point == "float")
+        hessian = moment.hessian if moment is not None else None
+        if self.method == "gptq" and hessian is not None:
+            q = gptq(site.weight_NK, hessian, f.bits, f.block_size, f.zero_point)
+        else:
+            q = quantize(site.weight_NK, f.bits, f.block_size, f.zero_point == "none",
+                         float_minimum=f.zero_point == "float")
+        self._made[stable] = (q, relative_error(site.weight_NK, q.dequantize(), hessian))
+        return q
 
     def _constants(self, graph: Graph, node: Node, site: Site, done: dict) -> list:
         """``[packed, scales, zero points or None, block offsets or None]`` of ``site``, made
@@ -438,3 +485,21 @@ class QuantizeWeights(Pass):
         return graph.add_node("arc.matmul_nbits", [x] + inputs, attrs,
                               [(x.dtype, shape)], module=node.module,
                               origin=f"{self.name}/{f.rule}", names=[name]).output
+
+
+def _stable(key):
+    """A site's key with its float weights by name, which a copy of the graph keeps."""
+    if isinstance(key, Value):
+        return key.name
+    return tuple(_stable(k) for k in key) if isinstance(key, tuple) else key
+
+
+def relative_error(weight_NK: torch.Tensor, dequantized_NK: torch.Tensor,
+                   hessian: torch.Tensor | None = None) -> float:
+    """``|(W - Q) x|^2 / |W x|^2`` summed over the activations whose ``E[x^T x]`` is
+    ``hessian``; without one, ``|W - Q|^2 / |W|^2``."""
+    w = weight_NK.float()
+    d = w - dequantized_NK.float()
+    if hessian is None:
+        return float((d * d).sum() / (w * w).sum().clamp_min(1e-30))
+    return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))

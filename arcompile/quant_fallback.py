@@ -1,0 +1,74 @@
+"""The perplexity gate's fallback (``optimize(..., gate_fallback=True)``, ``--gate-fallback``):
+when int8 / int4 weights raise the held-out perplexity beyond the bound, keep the linears
+that quantize worst in float, as few as it takes, instead of failing.
+
+The ranking is the quantizer's own (``QuantizeWeights.errors``, per module: the relative
+error of its quantized weights on the calibration activations with GPTQ, in the weights with
+round-to-nearest), so the held-out text only decides how many: the first count that passes
+among 1, 2, 4, ... modules kept in float, then the smallest between it and the last that
+failed (bisection). Each try quantizes a copy of the float graph with the same pass, which
+reuses the weights it quantized before (no second calibration), and measures the held-out
+perplexity in the reference interpreter: a few seconds per try on SmolLM2. When even every
+module but one in float does not pass, optimize fails with the figures as without the
+fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], before: np.ndarray,
+              limit: float, say: Callable[[str], None],
+              hooks: Sequence = ()) -> tuple[list, np.ndarray, dict] | None:
+    """Quantize ``float_graph`` (a copy of ``graph`` before ``passes`` ran) with the worst
+    modules of ``quantizer.errors`` kept in float, as few as pass the gate; make ``graph``
+    that result. Returns (records, logits [T, V], manifest entry), or None when no count
+    passes (``graph`` is left as it was)."""
+    from arcompile.passes import PassManager, VerifyHook
+    from arcompile.passes.dce import DeadCodeElimination
+    from arcompile.passes.insert_kv_cache import _adopt, _copy_graph
+    from arcompile.profile_measure import perplexity
+    from arcompile.quantization import graph_logits
+
+    ranked = sorted(quantizer.errors, key=lambda m: (-quantizer.errors[m], m))
+    ppl_before = perplexity(before, ids)
+    tries: dict[int, tuple] = {}
+
+    def attempt(count: int) -> bool:
+        work = _copy_graph(float_graph)
+        quantizer.keep_float = set(ranked[:count])
+        records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks]).run(work)
+        logits = graph_logits(work, ids)
+        increase = perplexity(logits, ids) / ppl_before - 1
+        tries[count] = (work, records, logits, increase)
+        say(f"  fallback: {count} of {len(ranked)} modules in float: perplexity "
+            f"{perplexity(logits, ids):.3f} ({increase:+.2%})")
+        return increase <= limit
+
+    say(f"  fallback: keeping the worst-quantized of {len(ranked)} modules in float "
+        f"(ranked by {quantizer.errors_measure})")
+    most = len(ranked) - 1  # every module in float would be no quantization at all
+    failed, count = 0, 1
+    while count < most and not attempt(count):
+        failed, count = count, min(2 * count, most)
+    if count >= most and (count < 1 or not attempt(count)):
+        quantizer.keep_float = set()
+        return None
+    while count - failed > 1:  # the smallest passing count between them
+        middle = (failed + count) // 2
+        if attempt(middle):
+            count = middle
+        else:
+            failed = middle
+    work, records, logits, increase = tries[count]
+    quantizer.keep_float = set(ranked[:count])
+    _adopt(graph, work)
+    entry = {"kept_float": ranked[:count], "modules": len(ranked),
+             "ranked_by": quantizer.errors_measure,
+             "errors": {m: quantizer.errors[m] for m in ranked},
+             "tries": [{"kept_float": k, "perplexity_increase": t[3]}
+                       for k, t in sorted(tries.items())]}
+    return records, logits, entry
