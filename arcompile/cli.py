@@ -46,8 +46,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
               f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
         if q.get("fallback"):
             kept = q["fallback"]["kept_float"]
+            more = f", and {len(kept) - 6} more (arcompile.json lists them)" if len(kept) > 6 else ""
             print(f"  kept in float by the gate's fallback ({len(kept)} of "
-                  f"{q['fallback']['modules']} modules): {', '.join(kept)}")
+                  f"{q['fallback']['modules']} modules): {', '.join(kept[:6])}{more}")
     if report.manifest.get("skip_ffn"):
         s = report.manifest["skip_ffn"]
         ppl = s.get("perplexity") or {}

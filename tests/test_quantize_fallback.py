@@ -54,13 +54,19 @@ def test_fallback_keeps_the_worst_modules_in_float_as_few_as_pass(tmp_path, trai
     kept, errors = fb["kept_float"], fb["errors"]
     assert 1 <= len(kept) < fb["modules"] == len(errors) == 7  # 2 x (qkv, o, mlp) + the head
     assert fb["ranked_by"] == "the relative weight error"
-    # the kept are the worst by the quantizer's own measure, not by the held-out text
-    assert min(errors[m] for m in kept) >= max(e for m, e in errors.items() if m not in kept)
-    # the gate holds, and one module fewer in float did not
-    assert q["perplexity_increase"] <= LIMIT
+    # the LM head first, then the worst by the quantizer's own measure (not the held-out text)
+    assert kept[0] == "model.lm_head"
+    rest = [m for m in kept if m != "model.lm_head"]
+    assert not rest or min(errors[m] for m in rest) >= max(
+        e for m, e in errors.items() if m not in kept)
+    # the tries aim below the bound (ONNX Runtime's rounding may add a little), and one
+    # module fewer in float missed the aim
+    assert fb["aim"] == pytest.approx(LIMIT * 0.75)
+    assert q["perplexity_increase"] <= fb["aim"]
+    assert q["perplexity_onnxruntime"] / q["perplexity_unquantized"] - 1 <= LIMIT
     tries = {t["kept_float"]: t["perplexity_increase"] for t in fb["tries"]}
     assert tries[len(kept)] == pytest.approx(q["perplexity_increase"])
-    assert tries[len(kept) - 1] > LIMIT if len(kept) > 1 else True
+    assert tries[len(kept) - 1] > fb["aim"] if len(kept) > 1 else True
     assert any(line.startswith("  fallback: ") for line in logs), logs
     # the engine: the kept modules run float MatMuls, the others MatMulNBits
     manifest = json.loads((tmp_path / "q" / "arcompile.json").read_text())

@@ -191,6 +191,7 @@ class QuantizeWeights(Pass):
         self.keep_float = set(keep_float)
         # module -> the largest relative error of its quantized weights (module docstring)
         self.errors: dict[str, float] = {}
+        self.head_modules: set[str] = set()  # the LM head's module, once quantized
         # (the float weights' names, dim, layout) -> (quantized, relative error), across runs
         self._made: dict[tuple, tuple[QuantizedWeight, float]] = {}
 
@@ -251,6 +252,8 @@ class QuantizeWeights(Pass):
             self.errors[node.module] = max(self._made[_stable(s.key)][1]
                                            for s, _ in m["sites"])
             site = m["sites"][0][0]
+            if site.lm_head:
+                self.head_modules.add(node.module)
             if site.lm_head and self.embedding == "lm_head":
                 self._share_table(graph, site, done, result)
             rule = ("lm_head_" if site.lm_head else "") + self._format(site).rule
