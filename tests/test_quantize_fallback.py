@@ -89,3 +89,23 @@ def test_fallback_refuses_what_it_cannot_fall_back(tmp_path, trained):
             arcompile.optimize(tm.llama(), tmp_path / "x", gate_fallback=True, log=None,
                                **extra)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, capsys):
+    # the gate-trip test's setting (test_quantize_gate): round-to-nearest in groups of 128
+    from arcompile.cli import main
+    from arcompile.frontend.load import find_smollm2_gguf
+
+    out = tmp_path / "q4"
+    assert main(["optimize", str(find_smollm2_gguf()), "-o", str(out), "--quantize", "int4",
+                 "--group-size", "128", "--quant-method", "rtn", "--gate-fallback"]) == 0
+    q = json.loads((out / "arcompile.json").read_text())["quantization"]
+    fb = q["fallback"]
+    assert fb["tries"][0]["perplexity_increase"] > 0.08  # one module in float is far off
+    assert 1 <= len(fb["kept_float"]) < fb["modules"]
+    assert q["perplexity_increase"] <= fb["aim"] < 0.08
+    assert q["perplexity_onnxruntime"] / q["perplexity_unquantized"] - 1 <= 0.08
+    printed = capsys.readouterr()
+    assert "kept in float by the gate's fallback" in printed.out
+    assert "fallback: 1 of" in printed.err
