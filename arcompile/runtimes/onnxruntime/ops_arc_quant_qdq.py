@@ -102,12 +102,13 @@ def _qdq_tensors(node: Node, packed: torch.Tensor, scales: torch.Tensor,
     signed = zero_points is None
     if signed:  # no zero-point input: the codes relative to the implicit 2^(bits - 1)
         codes = codes - (1 << (bits - 1))
-    out = {"codes": codes.T.contiguous(), "scales": scale.T.contiguous(),
-           "zero_points": zero.T.contiguous()}
+    out = {"codes": codes.T.contiguous(), "scales": scale.T.contiguous()}
+    if not signed:
+        out["zero_points"] = zero.T.contiguous()
     if _per_channel(node):  # the per-axis form, [N]
         out = {k: v.reshape(N) if k != "codes" else v for k, v in out.items()}
     dtype = torch.int8 if signed else torch.uint8
-    for kind in ("codes", "zero_points"):
+    for kind in [k for k in ("codes", "zero_points") if k in out]:
         value = out[kind]
         if bits == 4:
             out[kind] = Nibbles(_pack_nibbles(value), tuple(value.shape), signed)
