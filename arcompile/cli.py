@@ -45,9 +45,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
               f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
               f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
         if q.get("fallback"):
-            kept = q["fallback"]["kept_float"]
+            kept = q["fallback"]["kept"]
             more = f", and {len(kept) - 6} more (arcompile.json lists them)" if len(kept) > 6 else ""
-            print(f"  kept in float by the gate's fallback ({len(kept)} of "
+            print(f"  kept in {q['fallback']['to']} by the gate's fallback ({len(kept)} of "
                   f"{q['fallback']['modules']} modules): {', '.join(kept[:6])}{more}")
     if report.manifest.get("skip_ffn"):
         s = report.manifest["skip_ffn"]
@@ -201,11 +201,12 @@ def add_transform_options(p: argparse.ArgumentParser) -> None:
                         "keeps the float table; lm-head reads the quantized LM head's table "
                         "where the two are tied, so the engine holds those weights once "
                         "(smaller, and the lookup is quantized too)")
-    p.add_argument("--gate-fallback", action="store_true", default=None,
+    p.add_argument("--gate-fallback", nargs="?", const=True, choices=("int8", "fp32"),
+                   default=None,
                    help="with --quantize int8/int4: when perplexity rises beyond "
                         "--max-ppl-increase, keep the modules whose weights quantize worst "
-                        "in float, as few as it takes, instead of failing (the manifest "
-                        "lists them)")
+                        "in a wider format, as few as it takes, instead of failing (the "
+                        "manifest lists them): int8 (int4's default) or fp32 (int8's)")
     p.add_argument("--weight-format", choices=("matmulnbits", "qdq"), default=None,
                    help="with --quantize int8/int4: how the weights are written; matmulnbits "
                         "(default: ONNX Runtime's MatMulNBits) or qdq (standard "
@@ -230,7 +231,7 @@ def transform_options(args: argparse.Namespace) -> dict:
                 calibration_samples=args.calibration_samples, lm_head=args.lm_head,
                 zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip,
                 embedding=args.embedding, weight_format=args.weight_format,
-                gate_fallback=bool(args.gate_fallback))
+                gate_fallback=args.gate_fallback or False)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              calibration_samples: int | None = None, lm_head: str | None = None,
              zero_point: str | None = None, skip: float | None = None,
              kv_cache_dtype: str | None = None, embedding: str | None = None,
-             weight_format: str | None = None, gate_fallback: bool = False,
+             weight_format: str | None = None, gate_fallback: bool | str = False,
              **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
@@ -93,9 +93,9 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     (Q4_1's float minimum); ``embedding``: ``"lm-head"`` (a lookup tied to the quantized LM
     head reads its quantized table) or ``"fp32"``; ``weight_format``: ``"matmulnbits"``
     (ORT's kernel) or ``"qdq"`` (standard DequantizeLinear -> MatMul, TensorRT's form);
-    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in float, as few
-    as pass it (``quant_fallback.py``) instead of failing: see ``arcompile/quantization.py``
-    for the defaults. ``skip``: layer-skip
+    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in ``"int8"`` or
+    ``"fp32"`` (True: the mode's default), as few as pass it (``quant_fallback.py``), instead
+    of failing: see ``arcompile/quantization.py`` for the defaults. ``skip``: layer-skip
     routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
     (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
     run-time flag (``generate(skip=...)``, ``speculative="self"``). ``kv_cache_dtype``:

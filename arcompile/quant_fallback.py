@@ -1,6 +1,9 @@
-"""The perplexity gate's fallback (``optimize(..., gate_fallback=True)``, ``--gate-fallback``):
-when int8 / int4 weights raise the held-out perplexity beyond the bound, keep the linears
-that quantize worst in float, as few as it takes, instead of failing.
+"""The perplexity gate's fallback (``optimize(..., gate_fallback=...)``, ``--gate-fallback``):
+when int8 / int4 weights raise the held-out perplexity beyond the bound, keep the modules
+that quantize worst in a wider format, as few as it takes, instead of failing. ``"int8"``
+(int4's default): their weights become int8 (``QuantizeWeights.keep_int8``: blocks of 32,
+integer zero point, round-to-nearest), which keeps most of the speed; modules already 8-bit
+go to float. ``"fp32"`` (int8's only choice): float.
 
 The ranking is the quantizer's own (``QuantizeWeights.errors``, per module: the relative
 error of its quantized weights on the calibration activations with GPTQ, in the weights with
@@ -36,13 +39,16 @@ def margin(limit: float) -> float:
     return min(limit * MARGIN_SHARE, MARGIN_MAX) if limit > 0 else 0.0
 
 
+TARGETS = ("int8", "fp32")
+
+
 def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], before: np.ndarray,
-              limit: float, say: Callable[[str], None],
+              limit: float, say: Callable[[str], None], to: str = "fp32",
               hooks: Sequence = ()) -> tuple[list, np.ndarray, dict] | None:
     """Quantize ``float_graph`` (a copy of ``graph`` before ``passes`` ran) with the worst
-    modules of ``quantizer.errors`` kept in float, as few as pass the gate; make ``graph``
-    that result. Returns (records, logits [T, V], manifest entry), or None when no count
-    passes (``graph`` is left as it was)."""
+    modules of ``quantizer.errors`` kept in ``to`` (``TARGETS``), as few as pass the gate;
+    make ``graph`` that result. Returns (records, logits [T, V], manifest entry), or None
+    when no count passes (``graph`` is left as it was)."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
     from arcompile.passes.insert_kv_cache import _adopt, _copy_graph
@@ -55,25 +61,29 @@ def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], befor
     ppl_before = perplexity(before, ids)
     tries: dict[int, tuple] = {}
 
+    def keep(count: int) -> None:
+        quantizer.keep_float, quantizer.keep_int8 = set(), set()
+        setattr(quantizer, "keep_int8" if to == "int8" else "keep_float", set(ranked[:count]))
+
     def attempt(count: int) -> bool:
         work = _copy_graph(float_graph)
-        quantizer.keep_float = set(ranked[:count])
+        keep(count)
         records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks]).run(work)
         logits = graph_logits(work, ids)
         increase = perplexity(logits, ids) / ppl_before - 1
         tries[count] = (work, records, logits, increase)
-        say(f"  fallback: {count} of {len(ranked)} modules in float: perplexity "
+        say(f"  fallback: {count} of {len(ranked)} modules in {to}: perplexity "
             f"{perplexity(logits, ids):.3f} ({increase:+.2%})")
         return increase <= aim
 
-    say(f"  fallback: keeping the worst-quantized of {len(ranked)} modules in float "
+    say(f"  fallback: keeping the worst-quantized of {len(ranked)} modules in {to} "
         f"(ranked by {quantizer.errors_measure}), aiming at +{aim:.2%}")
     most = len(ranked) - 1  # every module in float would be no quantization at all
     failed, count = 0, 1
     while count < most and not attempt(count):
         failed, count = count, min(2 * count, most)
     if count >= most and (count < 1 or not attempt(count)):
-        quantizer.keep_float = set()
+        keep(0)
         return None
     while count - failed > 1:  # the smallest passing count between them
         middle = (failed + count) // 2
@@ -82,11 +92,11 @@ def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], befor
         else:
             failed = middle
     work, records, logits, increase = tries[count]
-    quantizer.keep_float = set(ranked[:count])
+    keep(count)
     _adopt(graph, work)
-    entry = {"kept_float": ranked[:count], "modules": len(ranked), "aim": aim,
+    entry = {"to": to, "kept": ranked[:count], "modules": len(ranked), "aim": aim,
              "ranked_by": quantizer.errors_measure,
              "errors": {m: quantizer.errors[m] for m in ranked},
-             "tries": [{"kept_float": k, "perplexity_increase": t[3]}
+             "tries": [{"kept": k, "perplexity_increase": t[3]}
                        for k, t in sorted(tries.items())]}
     return records, logits, entry

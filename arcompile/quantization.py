@@ -90,6 +90,11 @@ DEFAULT_EMBEDDING = "fp32"
 # DequantizeLinear -> MatMul, the form TensorRT reads and ORT fuses back into MatMulNBits
 # (runtimes/onnxruntime/ops_arc_quant_qdq.py). w8a8 is always Q/DQ.
 WEIGHT_FORMATS = ("matmulnbits", "qdq")
+# --gate-fallback: what the worst modules are kept in (quant_fallback.py). int4 -> int8 keeps
+# most of the speed (SmolLM2 int4 RTN g128: 59 of 91 modules kept in float and the engine
+# decodes at FIXME; in int8 FIXME)
+FALLBACK_CHOICES = {"int4": ("int8", "fp32"), "int8": ("fp32",)}
+FALLBACK_TO = {mode: choices[0] for mode, choices in FALLBACK_CHOICES.items()}
 DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}
 # int8: blocks of 32, not the pass's 128: ORT's fast path (accuracy_level 4) rounds the
 # activations to int8 per block too, and on SmolLM2 blocks of 128 cost +1.2% perplexity
@@ -135,7 +140,7 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
              max_tokens: int | None = None, lm_head: str | None = None,
              zero_point: str | None = None, kv_cache_dtype: str | None = None,
              embedding: str | None = None, weight_format: str | None = None,
-             gate_fallback: bool = False) -> tuple[list, dict]:
+             gate_fallback: bool | str = False) -> tuple[list, dict]:
     """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
     ``mode`` None: weights stay float (an int8 KV cache alone). ``kv_cache_dtype="int8"``:
     ``QuantizeKVCache`` after them, inside the same gate.
@@ -145,8 +150,9 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     ``embedding``: "fp32" or "lm-head" (``EMBEDDINGS``), None for ``DEFAULT_EMBEDDING``.
     ``weight_format``: "matmulnbits" or "qdq" (``WEIGHT_FORMATS``), None for the first; with
     "qdq" the entry names what keeps the weights from TensorRT's documented form.
-    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in float, as few
-    as pass it (``quant_fallback.py``; int8 / int4 weights alone).
+    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in a wider
+    format, as few as pass it (``quant_fallback.py``; int8 / int4 weights alone): "int8",
+    "fp32", or True for the mode's default (``FALLBACK_TO``).
     ``max_tokens``: the model's context, when shorter than the held-out text."""
     from arcompile.passes import PassManager, VerifyHook
     from arcompile.passes.dce import DeadCodeElimination
@@ -161,8 +167,12 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     if mode is None and weight_format is not None:
         raise ArcompileError("--weight-format applies to --quantize int8 or int4")
     if gate_fallback and (mode not in DEFAULT_LM_HEAD or kv_int8):
-        raise ArcompileError("--gate-fallback keeps int8 / int4 weights in float; it applies "
-                             "to --quantize int8 or int4 without --kv-cache-dtype int8")
+        raise ArcompileError("--gate-fallback widens int8 / int4 weights; it applies to "
+                             "--quantize int8 or int4 without --kv-cache-dtype int8")
+    fallback_to = FALLBACK_TO.get(mode) if gate_fallback is True else gate_fallback or None
+    if fallback_to is not None and fallback_to not in FALLBACK_CHOICES.get(mode, ()):
+        raise ArcompileError(f"--gate-fallback {fallback_to!r} for --quantize {mode}: choose "
+                             f"{' or '.join(FALLBACK_CHOICES[mode])}")
     flags = describe(mode, kv_int8)
     passes, quantizer, limit = [], None, 0.0
     if mode is not None:
@@ -211,7 +221,8 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
             from arcompile.quant_fallback import fall_back
 
             say(f"  perplexity {ppl_quantized:.3f} ({increase:+.2%}) is beyond +{limit:.1%}")
-            done = fall_back(graph, float_graph, passes, quantizer, ids, before, limit, say)
+            done = fall_back(graph, float_graph, passes, quantizer, ids, before, limit, say,
+                             to=fallback_to)
             if done is None:
                 say("  fallback: no count of modules in float short of all passes the gate")
             else:
@@ -240,9 +251,9 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
         hint = ("Try int8, a smaller --group-size, or allow more with --max-ppl-increase"
                 if mode else "Keep the float cache, or allow more with --max-ppl-increase")
         if mode in DEFAULT_LM_HEAD and not kv_int8:
-            hint += (" (--gate-fallback found no modules to keep in float that pass)"
-                     if gate_fallback else
-                     ", or let --gate-fallback keep the worst-quantized modules in float")
+            hint += (f" (--gate-fallback found no count of modules in {fallback_to} short of "
+                     f"all that passes)" if gate_fallback else
+                     ", or let --gate-fallback keep the worst-quantized modules wider")
         raise ArcompileError(
             f"{flags}: perplexity rose from {ppl_before:.3f} to {ppl_after:.3f} "
             f"({increase:+.2%}) on {len(ids)} tokens of {text}, beyond --max-ppl-increase "

@@ -15,7 +15,10 @@ gives it one, else uncached, as it ships), arcompile_uncached (the default passe
 cache), transformers_cached and transformers_uncached (eager ``generate`` with and without
 its cache), torch_compile (transformers' compiled-decode recipe), ort_genai_fp32 and
 ort_genai_int4 (ONNX Runtime GenAI's model-builder output), llama_cpp (llama-cpp-python on
-the same GGUF, Q4_1). Every system gets the same prompts (text from
+the same GGUF, Q4_1). Extra systems, run only when named in ``--systems``: arcompile_int4_sym
+(symmetric int4, int4 head) and arcompile_int4_qdq (the same as ``--weight-format qdq``),
+arcompile_int4_g128_fallback_int8 / _fp32 (round-to-nearest g128, which the gate refuses,
+passed by ``--gate-fallback int8`` / ``fp32``). Every system gets the same prompts (text from
 ``pydoc_data.topics``) and the same thread count; the systems are alternated within each
 repeat, in a rotating order, so drift on a shared machine hits all alike.
 
@@ -77,6 +80,9 @@ BASELINE = "arcompile_default"  # decode ratios are to the shipping engine
 # arcompile's 4-bit engines against the 4-bit peers, repeat by repeat: in how many repeats each
 # decoded faster (the systems alternate within a repeat, so a pair shares the machine's state)
 PAIRED = ("arcompile_int4", ("ort_genai_int4", "llama_cpp"))
+# systems a plain run leaves out (each costs a build and its timings); name them in --systems
+EXTRA = ("arcompile_int4_sym", "arcompile_int4_qdq", "arcompile_int4_g128_fallback_int8",
+         "arcompile_int4_g128_fallback_fp32")
 
 
 @dataclass
@@ -153,6 +159,19 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
                 "weight_format": "qdq"},
          "the same weights as DequantizeLinear -> MatMul (TensorRT's weight-only form), which "
          "ONNX Runtime fuses back into MatMulNBits"),
+        ("arcompile_int4_g128_fallback_int8", "arcompile default + --quantize int4 "
+         "--group-size 128 --quant-method rtn --gate-fallback int8", "int4 weights (g128), the "
+         "worst modules int8", "default", True, True,
+         {"quantize": "int4", "group_size": 128, "quant_method": "rtn",
+          "gate_fallback": "int8"},
+         "a setting the perplexity gate refuses (+60%), passed by keeping the worst-quantized "
+         "modules in int8"),
+        ("arcompile_int4_g128_fallback_fp32", "arcompile default + --quantize int4 "
+         "--group-size 128 --quant-method rtn --gate-fallback fp32", "int4 weights (g128), the "
+         "worst modules fp32", "default", True, True,
+         {"quantize": "int4", "group_size": 128, "quant_method": "rtn",
+          "gate_fallback": "fp32"},
+         "the same, the worst-quantized modules kept in float"),
         ("arcompile_w8a8", "arcompile default + --quantize w8a8", "int8 weights and "
          "activations", "default", True, True, {"quantize": "w8a8"},
          "SmoothQuant, static int8 activation scales (MatMulIntegerToFloat), the default "
@@ -172,7 +191,8 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
     for key, label, precision, passes, cached, needs_cache, quant, note in variants:
         system = System(key, label, precision, uncached=not cached, note=note)
         if not wanted(key):
-            system.skip = "not run: left out by --systems"
+            system.skip = ("not run: an extra system, asked for by --systems" if key in EXTRA
+                           else "not run: left out by --systems")
             systems.append(system)
             continue
         start = time.perf_counter()
@@ -477,7 +497,8 @@ def main() -> None:
         try:
             log("building the arcompile engines ...")
             systems = arcompile_systems(loaded, Path(tmp), args.threads,
-                                        lambda key: not wanted or key in wanted)
+                                        lambda key: key in wanted if wanted
+                                        else key not in EXTRA)
             systems += transformers_systems(loaded.module.model)
             systems += peer_systems(args, gguf, max_context, workers)
             for system in systems:

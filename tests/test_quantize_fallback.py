@@ -1,6 +1,6 @@
 """The perplexity gate's fallback (arcompile/quant_fallback.py, ``--gate-fallback``): when the
-gate trips, the worst-quantized modules stay in float, as few as pass it; without the flag the
-same setting fails and writes nothing."""
+gate trips, the worst-quantized modules are kept wider (int8, or float), as few as pass it;
+without the flag the same setting fails and writes nothing."""
 
 from __future__ import annotations
 
@@ -45,13 +45,15 @@ def test_gate_trips_without_the_fallback_and_names_it(tmp_path, trained):
     assert not (tmp_path / "q").exists()
 
 
-def test_fallback_keeps_the_worst_modules_in_float_as_few_as_pass(tmp_path, trained):
+@pytest.mark.parametrize("to", ["fp32", "int8"])
+def test_fallback_keeps_the_worst_modules_wider_as_few_as_pass(tmp_path, trained, to):
     logs: list[str] = []
     report = arcompile.optimize(trained, tmp_path / "q", max_ppl_increase=LIMIT,
-                                gate_fallback=True, log=logs.append, **SETTING)
+                                gate_fallback=to, log=logs.append, **SETTING)
     q = report.quantization
     fb = q["fallback"]
-    kept, errors = fb["kept_float"], fb["errors"]
+    kept, errors = fb["kept"], fb["errors"]
+    assert fb["to"] == to
     assert 1 <= len(kept) < fb["modules"] == len(errors) == 7  # 2 x (qkv, o, mlp) + the head
     assert fb["ranked_by"] == "the relative weight error"
     # the LM head first, then the worst by the quantizer's own measure (not the held-out text)
@@ -64,18 +66,25 @@ def test_fallback_keeps_the_worst_modules_in_float_as_few_as_pass(tmp_path, trai
     assert fb["aim"] == pytest.approx(LIMIT * 0.75)
     assert q["perplexity_increase"] <= fb["aim"]
     assert q["perplexity_onnxruntime"] / q["perplexity_unquantized"] - 1 <= LIMIT
-    tries = {t["kept_float"]: t["perplexity_increase"] for t in fb["tries"]}
+    tries = {t["kept"]: t["perplexity_increase"] for t in fb["tries"]}
     assert tries[len(kept)] == pytest.approx(q["perplexity_increase"])
     assert tries[len(kept) - 1] > fb["aim"] if len(kept) > 1 else True
     assert any(line.startswith("  fallback: ") for line in logs), logs
-    # the engine: the kept modules run float MatMuls, the others MatMulNBits
     manifest = json.loads((tmp_path / "q" / "arcompile.json").read_text())
-    assert manifest["quantization"]["fallback"]["kept_float"] == kept
+    assert manifest["quantization"]["fallback"]["kept"] == kept
     record = next(r for r in report.passes if r.name == "quantize_weights")
-    assert sum("keep_float" in n for n in record.notes) == len(kept)
-    kinds = [n.op_type for n in onnx.load(tmp_path / "q" / "model.onnx",
-                                          load_external_data=False).graph.node]
-    assert "MatMulNBits" in kinds and "MatMul" in kinds
+    model = onnx.load(tmp_path / "q" / "model.onnx", load_external_data=False)
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type == "MatMulNBits"]
+    float_notes = sum("the perplexity gate's fallback" in n for n in record.notes)
+    if to == "fp32":  # the kept modules run float MatMuls, the others MatMulNBits
+        assert float_notes == len(kept) and 8 not in bits[:-1]
+        assert "MatMul" in [n.op_type for n in model.graph.node]
+    else:  # int4 modules become int8 (g32, integer zero point); the int8 head goes float
+        assert float_notes == 1 and kept[0] == "model.lm_head"
+        widened = sum(v for k, v in record.counts.items() if k.startswith("int8_g32_asym"))
+        assert widened >= len(kept) - 1 and bits.count(8) == widened
+    assert 4 in bits
     assert abs(q["perplexity_onnxruntime"] / q["perplexity"] - 1) <= 0.02
     assert len(arcompile.load(tmp_path / "q").generate([5, 17, 42], max_new_tokens=4)) == 4
 
@@ -84,10 +93,11 @@ def test_fallback_refuses_what_it_cannot_fall_back(tmp_path, trained):
     for extra, message in ((dict(quantize="w8a8"), "applies to --quantize int8 or int4"),
                            (dict(quantize="int4", kv_cache_dtype="int8"),
                             "without --kv-cache-dtype int8"),
-                           (dict(), "gate_fallback without quantize")):
+                           (dict(), "gate_fallback without quantize"),
+                           (dict(quantize="int8", gate_fallback="int8"), "choose fp32")):
         with pytest.raises(ArcompileError, match=message):
-            arcompile.optimize(tm.llama(), tmp_path / "x", gate_fallback=True, log=None,
-                               **extra)
+            arcompile.optimize(tm.llama(), tmp_path / "x", **{"gate_fallback": True, **extra},
+                               log=None)
     assert not (tmp_path / "x").exists()
 
 
@@ -102,10 +112,11 @@ def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, capsys):
                  "--group-size", "128", "--quant-method", "rtn", "--gate-fallback"]) == 0
     q = json.loads((out / "arcompile.json").read_text())["quantization"]
     fb = q["fallback"]
-    assert fb["tries"][0]["perplexity_increase"] > 0.08  # one module in float is far off
-    assert 1 <= len(fb["kept_float"]) < fb["modules"]
+    assert fb["to"] == "int8"  # int4's default
+    assert fb["tries"][0]["perplexity_increase"] > 0.08  # one module kept is far off
+    assert 1 <= len(fb["kept"]) < fb["modules"]
     assert q["perplexity_increase"] <= fb["aim"] < 0.08
     assert q["perplexity_onnxruntime"] / q["perplexity_unquantized"] - 1 <= 0.08
     printed = capsys.readouterr()
-    assert "kept in float by the gate's fallback" in printed.out
+    assert "kept in int8 by the gate's fallback" in printed.out
     assert "fallback: 1 of" in printed.err

@@ -42,12 +42,14 @@ the float table goes dead and the engine holds the weights once, quantized (coun
 lookup kernel reads its block offsets; noted, the lookup stays float) nor for an untied
 table, which stays float. ``embedding="fp32"`` (the pass's default) keeps every lookup float.
 
-``keep_float`` (module names) keeps those modules' linears in float, noted: the perplexity
-gate's fallback (``quantization.py``) ranks modules by ``errors`` (per module, the largest
-relative error of its quantized weights: on the calibration activations with GPTQ,
-``|(W - Q) x|^2 / |W x|^2`` summed over them, else in the weights, ``|W - Q|^2 / |W|^2``) and
-runs the pass again with the worst kept in float. A run reuses the weights an earlier run of
-the same pass quantized (by the float weights' names), so only the first one calibrates.
+``keep_float`` (module names) keeps those modules' linears in float, noted; ``keep_int8``
+quantizes their 4-bit weights as int8 instead (``FALLBACK_INT8``, round-to-nearest: int8 mode's
+defaults), and keeps float those already 8-bit. The perplexity gate's fallback
+(``quant_fallback.py``) ranks modules by ``errors`` (per module, the largest relative error
+of its quantized weights: on the calibration activations with GPTQ, ``|(W - Q) x|^2 /
+|W x|^2`` summed over them, else in the weights, ``|W - Q|^2 / |W|^2``) and runs the pass
+again with the worst kept. A run reuses the weights an earlier run of the same pass quantized
+(by the float weights' names and the format), so only the first one calibrates.
 
 Numbers: changes the logits by design (round-to-nearest: |w - dequant(w)| <= scale / 2 per
 element; GPTQ: every element on its block's grid, a smaller error on the calibration
@@ -116,6 +118,11 @@ class Format:
         return f"int{self.bits}_g{self.block_size}_{ZERO_POINTS[self.zero_point]}"
 
 
+# what the gate's fallback widens a 4-bit module to (keep_int8): int8 mode's defaults
+# (quantization.py: blocks of 32, integer zero point; +0.35% on SmolLM2 as a whole model)
+FALLBACK_INT8 = Format(8, 32, "int")
+
+
 @dataclass
 class Site:
     """One weight matrix to quantize: its float value ``[N, K]`` and where it came from."""
@@ -138,7 +145,7 @@ class QuantizeWeights(Pass):
                  lm_head_zero_point: str | None = None, method: str = "rtn",
                  calibration: Sequence[Sequence[int]] | None = None,
                  calibration_text: str | None = None, embedding: str = "fp32",
-                 keep_float: Collection[str] = ()):
+                 keep_float: Collection[str] = (), keep_int8: Collection[str] = ()):
         if bits not in (4, 8):
             raise ValueError(f"quantize_weights: bits must be 4 or 8, got {bits}")
         self.bits = bits
@@ -188,7 +195,8 @@ class QuantizeWeights(Pass):
             self.zero_point if self.lm_head_bits == bits else
             DEFAULT_ZERO_POINT[self.lm_head_bits]))
         self.timings: dict[str, float] = {}  # seconds: "calibration", "quantization"
-        self.keep_float = set(keep_float)
+        self.keep_float, self.keep_int8 = set(keep_float), set(keep_int8)
+        self._widened = False  # the node being rewritten takes FALLBACK_INT8 (keep_int8)
         # module -> the largest relative error of its quantized weights (module docstring)
         self.errors: dict[str, float] = {}
         self.head_modules: set[str] = set()  # the LM head's module, once quantized
@@ -218,6 +226,9 @@ class QuantizeWeights(Pass):
         return out
 
     def _format(self, site: Site) -> Format:
+        return FALLBACK_INT8 if self._widened else self._primary(site)
+
+    def _primary(self, site: Site) -> Format:
         return self.lm_head_format if site.lm_head else self.format
 
     def run(self, graph: Graph) -> PassResult:
@@ -239,18 +250,21 @@ class QuantizeWeights(Pass):
             if not m:
                 result.note(f"kept {node.op} at {node.module or '<top>'} in float: {m.reason}")
                 continue
-            if node.module in self.keep_float:
+            narrow = any(self._primary(site).bits < 8 for site, _ in m["sites"])
+            if node.module in self.keep_float or (node.module in self.keep_int8 and not narrow):
                 result.note(f"kept {node.op} at {node.module or '<top>'} in float: asked "
-                            f"(keep_float: the perplexity gate's fallback)")
+                            f"(the perplexity gate's fallback)")
                 continue
+            self._widened = node.module in self.keep_int8
             if node.op == "arc.gated_mlp":
                 self._rewrite_gated_mlp(graph, node, m, done)
             elif node.op == "arc.split_linear":
                 self._rewrite_split_linear(graph, node, m, done)
             else:
                 self._rewrite_linear(graph, node, m, done)
-            self.errors[node.module] = max(self._made[_stable(s.key)][1]
-                                           for s, _ in m["sites"])
+            if not self._widened:  # the ranking's measure: the weights' own format
+                self.errors[node.module] = max(self._made[self._cache_key(s)][1]
+                                               for s, _ in m["sites"])
             site = m["sites"][0][0]
             if site.lm_head:
                 self.head_modules.add(node.module)
@@ -258,6 +272,7 @@ class QuantizeWeights(Pass):
                 self._share_table(graph, site, done, result)
             rule = ("lm_head_" if site.lm_head else "") + self._format(site).rule
             result.bump(rule, 2 if node.op == "arc.gated_mlp" else 1)
+            self._widened = False
         self.timings["quantization"] = time.perf_counter() - start
         self._moments = {}
         return result
@@ -267,7 +282,8 @@ class QuantizeWeights(Pass):
         """Whether a weight this run would quantize was not quantized by an earlier run."""
         for node in graph.nodes():
             m = self._match(graph, node)
-            if m and any(_stable(site.key) not in self._made for site, _ in m["sites"]):
+            if m and any((_stable(site.key), self._primary(site).rule) not in self._made
+                         for site, _ in m["sites"]):
                 return True
         return False
 
@@ -439,20 +455,26 @@ class QuantizeWeights(Pass):
     def _quantized(self, site: Site) -> QuantizedWeight:
         """``site``'s weight in its format, by this pass's method (or as an earlier run
         quantized it); its relative error goes into ``_made`` beside it."""
-        stable = _stable(site.key)
-        if stable in self._made:
-            return self._made[stable][0]
+        cached = self._cache_key(site)
+        if cached in self._made:
+            return self._made[cached][0]
         f = self._format(site)
-        moment = self._moments.pop(site.key, None)  # [K, K] float64 each: free as we go
-        # (no moment: its linear never ran on the calibration text; round-to-nearest then)
+        # (no moment: its linear never ran on the calibration text; round-to-nearest then,
+        # as for the fallback's int8, which needs no calibration)
+        moment = None if self._widened else self._moments.pop(site.key, None)
         hessian = moment.hessian if moment is not None else None
         if self.method == "gptq" and hessian is not None:
             q = gptq(site.weight_NK, hessian, f.bits, f.block_size, f.zero_point)
         else:
             q = quantize(site.weight_NK, f.bits, f.block_size, f.zero_point == "none",
                          float_minimum=f.zero_point == "float")
-        self._made[stable] = (q, relative_error(site.weight_NK, q.dequantize(), hessian))
+        self._made[cached] = (q, relative_error(site.weight_NK, q.dequantize(), hessian))
         return q
+
+    def _cache_key(self, site: Site) -> tuple:
+        """``_made``'s key: the float weights by name (a copy of the graph keeps them) and the
+        format this node takes."""
+        return _stable(site.key), self._format(site).rule
 
     def _constants(self, graph: Graph, node: Node, site: Site, done: dict) -> list:
         """``[packed, scales, zero points or None, block offsets or None]`` of ``site``, made
