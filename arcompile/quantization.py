@@ -91,8 +91,10 @@ DEFAULT_EMBEDDING = "fp32"
 # (runtimes/onnxruntime/ops_arc_quant_qdq.py). w8a8 is always Q/DQ.
 WEIGHT_FORMATS = ("matmulnbits", "qdq")
 # --gate-fallback: what the worst modules are kept in (quant_fallback.py). int4 -> int8 keeps
-# most of the speed (SmolLM2 int4 RTN g128: 59 of 91 modules kept in float and the engine
-# decodes at FIXME; in int8 FIXME)
+# much of the speed: SmolLM2, int4 RTN g128 (+60%; the gate refuses it), 60 of 91 modules
+# kept (the LM head, int8 already, in float either way): in int8 13.45 (+5.2%), decode 7.5 /
+# 9.6 ms per token at contexts 128 / 1024; in fp32 13.39 (+4.7%), 13.5 / 12.3 ms, no faster
+# than the fp32 engine's 11.6 / 12.8 (bench/results/fallback, one run, 5 repeats)
 FALLBACK_CHOICES = {"int4": ("int8", "fp32"), "int8": ("fp32",)}
 FALLBACK_TO = {mode: choices[0] for mode, choices in FALLBACK_CHOICES.items()}
 DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}

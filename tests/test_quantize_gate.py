@@ -131,6 +131,7 @@ def test_cli_quantization_flags_reach_the_manifest(tmp_path, capsys, llama_archi
     (["--weight-format", "qdq"], "weight_format without quantize"),
     (["--gate-fallback"], "gate_fallback without quantize"),
     (["--quantize", "w8a8", "--gate-fallback"], "applies to --quantize int8 or int4"),
+    (["--quantize", "int8", "--gate-fallback", "int8"], "choose fp32"),
     (["--quantize", "w8a8", "--weight-format", "qdq"],
      "--weight-format applies to --quantize int8 or int4"),
     (["--quantize", "int4", "--weight-format", "qdq", "--embedding", "lm-head"],
