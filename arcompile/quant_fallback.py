@@ -12,7 +12,7 @@ with no norm after it, so a small relative error costs perplexity most directly 
 GPTQ g128: the head ranked 78th of 91 by its error, 0.08% against 0.46% for the worst, yet
 the tries jumped from +2.80% to +1.03% when it joined the float ones). So the held-out text
 only decides how many: the first count that passes
-among 1, 2, 4, ... modules kept in float, then the smallest between it and the last that
+among 1, 2, 4, ... modules kept, then the smallest between it and the last that
 failed (bisection). The tries aim ``margin(limit)`` below the bound: they measure in the
 reference interpreter, and the engine's own figure, checked against the bound after lowering
 as always, differs from it by ONNX Runtime's rounding of activations (accuracy level 4):
@@ -27,7 +27,7 @@ fallback.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -39,14 +39,11 @@ def margin(limit: float) -> float:
     return min(limit * MARGIN_SHARE, MARGIN_MAX) if limit > 0 else 0.0
 
 
-TARGETS = ("int8", "fp32")
-
-
 def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], before: np.ndarray,
-              limit: float, say: Callable[[str], None], to: str = "fp32",
-              hooks: Sequence = ()) -> tuple[list, np.ndarray, dict] | None:
+              limit: float, say: Callable[[str], None],
+              to: str = "fp32") -> tuple[list, np.ndarray, dict] | None:
     """Quantize ``float_graph`` (a copy of ``graph`` before ``passes`` ran) with the worst
-    modules of ``quantizer.errors`` kept in ``to`` (``TARGETS``), as few as pass the gate;
+    modules of ``quantizer.errors`` kept in ``to`` ("int8" or "fp32"), as few as pass the gate;
     make ``graph`` that result. Returns (records, logits [T, V], manifest entry), or None
     when no count passes (``graph`` is left as it was)."""
     from arcompile.passes import PassManager, VerifyHook
@@ -68,12 +65,13 @@ def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], befor
     def attempt(count: int) -> bool:
         work = _copy_graph(float_graph)
         keep(count)
-        records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks]).run(work)
+        records = PassManager([*passes, DeadCodeElimination()], [VerifyHook()]).run(work)
         logits = graph_logits(work, ids)
-        increase = perplexity(logits, ids) / ppl_before - 1
+        ppl = perplexity(logits, ids)
+        increase = ppl / ppl_before - 1
         tries[count] = (work, records, logits, increase)
-        say(f"  fallback: {count} of {len(ranked)} modules in {to}: perplexity "
-            f"{perplexity(logits, ids):.3f} ({increase:+.2%})")
+        say(f"  fallback: {count} of {len(ranked)} modules in {to}: perplexity {ppl:.3f} "
+            f"({increase:+.2%})")
         return increase <= aim
 
     say(f"  fallback: keeping the worst-quantized of {len(ranked)} modules in {to} "

@@ -218,17 +218,20 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
             raise ArcompileError(f"--quantize {mode}: no linear was quantized: "
                                  + "; ".join(records[len(passes) - 1].notes[:3]))
         after = graph_logits(graph, ids)
-        _, ppl_quantized, increase, _ = _figures(before, after, ids)
-        if gate_fallback and not increase <= limit:
-            from arcompile.quant_fallback import fall_back
+        if gate_fallback:
+            _, ppl_quantized, increase, _ = _figures(before, after, ids)
+            if not increase <= limit:
+                from arcompile.quant_fallback import fall_back
 
-            say(f"  perplexity {ppl_quantized:.3f} ({increase:+.2%}) is beyond +{limit:.1%}")
-            done = fall_back(graph, float_graph, passes, quantizer, ids, before, limit, say,
-                             to=fallback_to)
-            if done is None:
-                say("  fallback: no count of modules in float short of all passes the gate")
-            else:
-                records, after, fallback = done
+                say(f"  perplexity {ppl_quantized:.3f} ({increase:+.2%}) is beyond "
+                    f"+{limit:.1%}")
+                done = fall_back(graph, float_graph, passes, quantizer, ids, before, limit, say,
+                                 to=fallback_to)
+                if done is None:
+                    say(f"  fallback: no count of modules in {fallback_to} short of all "
+                        f"passes the gate")
+                else:
+                    records, after, fallback = done
     kv_entry = None
     if kv_int8:  # after the weights: its scales are those of the step that ships
         weights_only = after
