@@ -120,3 +120,40 @@ def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, capsys):
     printed = capsys.readouterr()
     assert "kept in int8 by the gate's fallback" in printed.out
     assert "fallback: 1 of" in printed.err
+
+
+# -- the pass's own keep_float / keep_int8, as the fallback drives it ------------------------
+def test_keep_options_golden_numbers_and_the_8_bit_case(tmp_path):
+    import copy
+
+    from arcompile.ir import run_graph
+    from arcompile.passes.quant_math import quantize
+    from arcompile.passes.quantize_weights import FALLBACK_INT8, QuantizeWeights
+    from helpers import apply_pass, run_onnx
+    from test_quantize_weights import X, _fused
+
+    model, g = _fused(tm.llama)
+    attn, mlp = "model.model.layers.0.self_attn.o_proj", "model.model.layers.1.mlp"
+    p = QuantizeWeights(bits=4, block_size=32, zero_point="none", include_lm_head=True,
+                        lm_head_bits=8, accuracy_level=0, keep_float=[attn],
+                        keep_int8=[mlp, "model.lm_head"])
+    result = apply_pass(g, p)
+    # golden: o_proj stays a float linear, layer 1's MLP is int8 (g32, integer zero point),
+    # the head, already int8, stays float; the rest int4
+    bits = {n.module: n.attrs["bits"] for n in g.nodes() if n.op == "arc.matmul_nbits"}
+    assert attn not in bits and "model.lm_head" not in bits and bits[mlp] == 8
+    assert {b for m, b in bits.items() if m != mlp} == {4}
+    assert result.counts[FALLBACK_INT8.rule] == 2  # gate/up and down
+    assert sum("the perplexity gate's fallback" in n for n in result.notes) == 2
+    assert set(p.errors) == set(bits) - {mlp}  # measured in a module's own format only
+    # numbers: ONNX Runtime (optimizations off) computes what the interpreter does, and the
+    # interpreter what eager does with those weights dequantized
+    ref = run_graph(g, [X])[0]
+    assert abs(run_onnx(g, tmp_path, X) - ref.numpy()).max() <= 1e-4
+    want = copy.deepcopy(model)
+    for name, mod in want.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name not in (attn, "model.lm_head"):
+            q = (quantize(mod.weight.data, 8, 32, symmetric=False) if name.startswith(mlp)
+                 else quantize(mod.weight.data, 4, 32, symmetric=True))
+            mod.weight = torch.nn.Parameter(q.dequantize())
+    assert (ref - want(X).detach()).abs().max() <= 1e-4
