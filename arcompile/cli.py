@@ -22,7 +22,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
                       check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
                       kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
-                      **transform_options(args))
+                      self_draft=args.self_draft, **transform_options(args))
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -56,6 +56,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
               f"skipped at --skip {s['budget']:g}"
               + (f", perplexity {ppl['full']:.3f} -> {ppl['skipped']:.3f} "
                  f"({ppl['increase']:+.1%})" if ppl else ""))
+    if report.manifest.get("self_draft"):
+        from arcompile.self_draft import describe
+
+        print(f"self-draft: {describe(report.manifest['self_draft'])}")
     print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
           f"{report.seconds:.1f} s)")
     return 0
@@ -267,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's max_position_embeddings, else 2048; at most the rows of a "
                         "learned position table)")
     add_transform_options(o)
+    o.add_argument("--self-draft", choices=("int4", "int8"), default=None,
+                   help="also write a round-to-nearest int4 (or int8) copy of the model "
+                        "inside the engine (DIR/draft) that drafts for `run --speculative "
+                        "self`; the full engine verifies, so greedy output is unchanged")
     o.set_defaults(func=cmd_optimize)
 
     r = sub.add_parser("run", help="generate with an engine directory")
@@ -289,8 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice, or the top FRACTION of its ranking of feed-forward blocks")
     r.add_argument("--speculative",
                    choices=("self", "ngram", "draft", "ngram+self", "ngram+draft"),
-                   help="lossless speculative greedy decoding: self (draft with feed-forward "
-                        "blocks skipped; an engine optimized with --skip), ngram (prompt "
+                   help="lossless speculative greedy decoding: self (draft with the "
+                        "engine's quantized copy, optimized with --self-draft, else with "
+                        "feed-forward blocks skipped, optimized with --skip), ngram (prompt "
                         "lookup), draft (the --draft engine drafts) or ngram+self / "
                         "ngram+draft (lookup first); prints the acceptance rate")
     r.add_argument("--draft", metavar="ENGINE",

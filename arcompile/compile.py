@@ -19,6 +19,7 @@ The steps, each reported through ``log``:
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from arcompile.errors import ArcompileError
 from arcompile.ir.verify import verify
 from arcompile.passes import NumericCheckHook, PassManager, PassRecord, VerifyHook, build_pipeline
 from arcompile.passes.manager import Hook
-from arcompile.runtimes.engine_dir import staging_dir, write_manifest
+from arcompile.runtimes.engine_dir import check_output_dir, staging_dir, write_manifest
 
 # ONNX Runtime vs the reference interpreter on random tokens: max|Δlogit| may be at most
 # 1e-4 plus 1e-5 of the largest logit. ORT's float32 kernels round differently from torch's;
@@ -72,7 +73,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              zero_point: str | None = None, skip: float | None = None,
              kv_cache_dtype: str | None = None, embedding: str | None = None,
              weight_format: str | None = None, gate_fallback: bool | str = False,
-             **options: Any) -> OptimizeReport:
+             self_draft: str | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
     ``passes``: a preset (``default``, ``none``) or pass names. ``tokenizer``: a folder to
@@ -102,7 +103,9 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     ``"float32"`` (default; None is the same) or ``"int8"`` (``passes/quantize_kv_cache.py``:
     per-channel scales calibrated on calibration text, the in-place runtime only), held to
     ``max_ppl_increase`` like ``quantize`` (default 1%, added to the mode's when both are
-    asked for; ``quantization.py``). Unknown options are an error.
+    asked for; ``quantization.py``). ``self_draft``: ``"int4"`` or ``"int8"``: also write a
+    round-to-nearest quantized copy of the model at ``OUT/draft`` that drafts for
+    ``speculative="self"`` (``self_draft.py``). Unknown options are an error.
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
@@ -131,6 +134,10 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
                              f"{kv_cache_runtime}")
     if kv_cache_runtime not in ("concat", "inplace"):
         raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
+    from arcompile import self_draft as own_draft
+
+    own_draft.check_options(self_draft, quantize, kv_cache, kv_cache_dtype)
+    check_output_dir(Path(output_dir))  # before the slow part, not after it
     if max_context is not None and int(max_context) < 1:
         raise ArcompileError(f"max_context must be a positive number of tokens, got {max_context}")
     say = log or (lambda _msg: None)
@@ -180,29 +187,42 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     context = (int(cache_layout["max_context"]) if cache_layout is not None
                else int(max_context or loaded.config.get("max_position_embeddings") or 0)
                or None)
-    if skip is not None:  # layer-skip routing: after the cache, before quantization
-        records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
-    if quantize or kv_int8:
-        from arcompile import quantization
+    draft_folder = None
+    if self_draft is not None:
+        if cache_layout is None:
+            raise ArcompileError(f"--self-draft drafts into the KV cache, which was not "
+                                 f"inserted ({refused}); nothing was written")
+        # from the cached graph as it stands: routing and the engine's quantization are its own
+        draft_folder, extra["self_draft"] = own_draft.build(
+            graph, self_draft, tok, int(vocab), loaded, say, Path(output_dir), context)
+    try:
+        if skip is not None:  # layer-skip routing: after the cache, before quantization
+            records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
+        if quantize or kv_int8:
+            from arcompile import quantization
 
-        quant_records, quantized = quantization.quantize(
-            graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
-            method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
-            zero_point=zero_point, kv_cache_dtype=kv_cache_dtype, embedding=embedding,
-            weight_format=weight_format, gate_fallback=gate_fallback, max_tokens=context)
-        records += quant_records
-        extra["quantization"] = quantized
+            quant_records, quantized = quantization.quantize(
+                graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say,
+                hooks, method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
+                zero_point=zero_point, kv_cache_dtype=kv_cache_dtype, embedding=embedding,
+                weight_format=weight_format, gate_fallback=gate_fallback, max_tokens=context)
+            records += quant_records
+            extra["quantization"] = quantized
 
-        def check_perplexity(folder: Path) -> None:  # ORT's perplexity against the IR's
-            quantization.check_engine(folder, quantized)
-            say(f"  ONNX Runtime perplexity {quantized['perplexity_onnxruntime']:.3f} "
-                f"(IR: {quantized['perplexity']:.3f})")
-            quantized.pop("_ids", None)
-        validate = check_perplexity
-    manifest, cache_layout, diff = write_engine(
-        graph, output_dir, loaded, records, tokenizer=tok,
-        sample=sample if check_numerics and not (quantize or kv_int8) else None,
-        refused=refused, log=say, extra=extra, validate=validate)
+            def check_perplexity(folder: Path) -> None:  # ORT's perplexity against the IR's
+                quantization.check_engine(folder, quantized)
+                say(f"  ONNX Runtime perplexity {quantized['perplexity_onnxruntime']:.3f} "
+                    f"(IR: {quantized['perplexity']:.3f})")
+                quantized.pop("_ids", None)
+            validate = check_perplexity
+        manifest, cache_layout, diff = write_engine(
+            graph, output_dir, loaded, records, tokenizer=tok,
+            sample=sample if check_numerics and not (quantize or kv_int8) else None,
+            refused=refused, log=say, extra=extra, validate=validate,
+            embed={own_draft.FOLDER: draft_folder} if draft_folder else None)
+    finally:
+        if draft_folder is not None:
+            shutil.rmtree(draft_folder.parent, ignore_errors=True)
     seconds = time.perf_counter() - start
     say(f"wrote {output_dir} in {seconds:.1f} s")
     return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
@@ -212,15 +232,17 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
 def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord],
                  tokenizer: Any = None, sample: torch.Tensor | None = None,
                  refused: str | None = None, log: Callable[[str], None] | None = None,
-                 extra: dict | None = None, validate: Callable[[Path], None] | None = None
-                 ) -> tuple[dict, dict | None, float]:
+                 extra: dict | None = None, validate: Callable[[Path], None] | None = None,
+                 embed: dict[str, Path] | None = None) -> tuple[dict, dict | None, float]:
     """Lower ``graph`` as it stands into an engine directory (staged, moved into place).
 
     With ``sample``, ONNX Runtime (its optimizations off) is checked against the reference
     interpreter on it. Returns (manifest, the manifest's kv_cache entry or None, that check's
     max |Δlogit| or NaN). ``extra``: more manifest entries. ``validate(folder)`` runs on the
     staged engine once its manifest is written (it may update ``extra``; raising leaves
-    nothing behind). ``optimize`` and ``arcompile profile`` (once per pass) use it.
+    nothing behind). ``embed``: finished engine folders moved in under these names before
+    the manifest is written, so its file list covers them (the self-draft). ``optimize`` and
+    ``arcompile profile`` (once per pass) use it.
     """
     from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
 
@@ -234,6 +256,8 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        for name, folder in (embed or {}).items():
+            shutil.move(str(folder), str(tmp / name))
         entries = {
             "runtime": "onnxruntime-cpu",
             "model_file": "model.onnx",

@@ -18,7 +18,8 @@ An engine optimized with ``skip`` (layer-skip routing, ``passes/skip_ffn.py``) t
 per routed feed-forward block: ``generate(..., skip=True)`` decodes with the calibrated choice
 skipped (lossy; ``skip=0.3``: the top 30% of the ranking), and ``speculative="self"`` drafts
 with them skipped and verifies with the full model, losslessly for greedy decoding
-(``speculative.py``). ``speculative="ngram"`` (prompt lookup) needs only the cache:
+(``speculative.py``); an engine optimized with ``self_draft="int4"`` drafts with its own
+quantized copy instead (``self_draft.py``; faster on small models). ``speculative="ngram"`` (prompt lookup) needs only the cache:
 
     new = eng.generate(ids, max_new_tokens=128, speculative="self", draft_tokens=4)
     eng.speculation   # {"acceptance_rate": ..., "tokens_per_round": ..., ...}
@@ -65,6 +66,7 @@ class Engine:
         self._skip_off: dict = ({} if self._skip is None else
                                 {self._skip["input"]: np.zeros(len(self._skip["blocks"]), bool)})
         self.speculation: dict | None = None  # the last speculative decode's figures
+        self._self_draft: "Engine | None" = None  # optimize --self-draft's engine, once loaded
         if self._cache is not None:
             self._output = self._cache["logits"]
             inputs = {i["name"]: i for i in self.manifest["inputs"]}
@@ -189,8 +191,10 @@ class Engine:
         """Yield each step's new token per row (None once a row has stopped).
 
         ``skip``: decode with the layer-skip choice skipped (lossy; True or a fraction, see
-        ``skip_flags``). ``speculative``: ``"self"`` (draft with ``draft_skip``'s blocks
-        skipped, default ``speculative.SELF_DRAFT_SKIP``), ``"ngram"`` (prompt lookup) or
+        ``skip_flags``). ``speculative``: ``"self"`` (draft with the engine's own quantized
+        copy when it was optimized with ``self_draft``, unless ``draft_skip`` is given; else
+        with ``draft_skip``'s blocks skipped, default ``speculative.SELF_DRAFT_SKIP``),
+        ``"ngram"`` (prompt lookup) or
         ``"draft"`` (another engine of the same model and cache layout drafts, e.g. its int4
         build: ``draft`` is that Engine or its folder), up to ``draft_tokens`` drafts
         verified in one full step; greedy and batch 1 only, the output is plain greedy's.
@@ -268,11 +272,25 @@ class Engine:
         for kind in kinds:
             confidence = spec.DEFAULT_MIN_CONFIDENCE.get(kind, 0.0) \
                 if min_confidence is None else min_confidence
-            if kind == "self":
+            if kind == "self" and draft_skip is None and self.manifest.get("self_draft"):
+                own = self._own_draft()  # optimize --self-draft: the quantized copy drafts
+                confidence = spec.DEFAULT_MIN_CONFIDENCE["self-draft"] \
+                    if min_confidence is None else min_confidence
+                stats.extra.update({"drafter": f"self-draft "
+                                               f"({self.manifest['self_draft']['mode']})",
+                                    "min_confidence": confidence})
+                drafters.append(spec.self_drafter(own._step, None, stats, confidence))
+            elif kind == "self":
+                if self._skip is None and draft_skip is None:
+                    raise DecodeError('speculative="self" drafts with the engine\'s own '
+                                      'quantized copy (optimize --self-draft int4) or its '
+                                      'feed-forward blocks skipped (optimize --skip '
+                                      'FRACTION); this engine has neither')
                 if draft_skip is None:
                     draft_skip = spec.SELF_DRAFT_SKIP
                 flags = self.skip_flags(draft_skip)
-                stats.extra.update({"draft_skip": draft_skip,
+                stats.extra.update({"drafter": "feed-forward blocks skipped",
+                                    "draft_skip": draft_skip,
                                     "skipped_blocks": int(flags.sum()),
                                     "min_confidence": confidence})
                 drafters.append(spec.self_drafter(self._step, flags, stats, confidence))
@@ -298,6 +316,14 @@ class Engine:
         finally:  # also when the caller stops reading early
             self.speculation = stats.as_dict()
             self._release()
+
+    def _own_draft(self) -> "Engine":
+        """The self-draft (``self_draft.py``), loaded once and checked like a draft engine."""
+        if self._self_draft is None:
+            from arcompile import self_draft
+
+            self._self_draft = self._draft_engine(self_draft.load(self))
+        return self._self_draft
 
     def _draft_engine(self, draft) -> "Engine":
         """``draft`` as an Engine whose cache this engine's buffers can hold: the same layers,

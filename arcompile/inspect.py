@@ -38,6 +38,10 @@ def describe_engine(path: Path) -> str:
     for p in m.get("passes", []):
         rules = ", ".join(f"{k}={v}" for k, v in p["counts"].items() if v) or "no change"
         lines.append(f"    {p['name']:<18} {p['nodes_before']} -> {p['nodes_after']} nodes  {rules}")
+    if m.get("self_draft"):
+        from arcompile.self_draft import describe
+
+        lines.append(f"  self-draft: {describe(m['self_draft'])}")
     total = sum(f["bytes"] for f in m.get("files", {}).values())
     lines.append(f"  files: {len(m.get('files', {}))}, {total / 1e6:.1f} MB")
     model = onnx.load(str(path / m["model_file"]), load_external_data=False)

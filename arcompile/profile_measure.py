@@ -79,12 +79,14 @@ def measure(request: dict) -> dict:
 def decoding_modes(eng, prompt: list[int], count: int, held: list[int],
                    draft_tokens: int = 4) -> dict:
     """Greedy tokens/s (``count`` tokens, the prefill included, best of two interleaved runs)
-    plain and speculative; with layer-skip routing the lossy mode too. {} when uncached."""
+    plain and speculative (self: with layer-skip routing or a self-draft); with layer-skip
+    routing the lossy mode too. {} when uncached."""
     if not eng.kv_cache:
         return {}
     runs = {"plain": {}, "spec_ngram": {"speculative": "ngram", "draft_tokens": draft_tokens}}
-    if eng.skip_routing is not None:
+    if eng.skip_routing is not None or eng.manifest.get("self_draft"):
         runs["spec_self"] = {"speculative": "self", "draft_tokens": draft_tokens}
+    if eng.skip_routing is not None:
         runs["skip"] = {"skip": True}
     best: dict[str, float] = {}
     tokens: dict[str, list[int]] = {}

@@ -22,6 +22,9 @@ Drafters (``draft(context, past_length, cache, m) -> list[int]``):
   routed feed-forward blocks skipped (``passes/skip_ffn.py``) drafts one token per step from
   ``last``, writing its own rows at P .. P + m - 1, which the verifying step then overwrites.
   Drafting stops early when the draft's top probability falls below ``min_confidence``.
+  An engine optimized with ``self_draft`` drafts with its own int4 (or int8) copy instead
+  (``self_draft.py``, stored in the engine folder), the same way, unless ``draft_skip`` asks
+  for the skipped-block graph.
 - ``draft``: another engine of the same model and cache layout (its int4 build, say) drafts
   the same way, into the same buffers (its rows are overwritten by the verifying step too).
 - ``ngram`` (prompt lookup, training-free): the last n tokens of the context (n = 3, 2, 1) are
@@ -39,7 +42,8 @@ drafts accepted with 3 blocks skipped, 57% with 8, 20% with 15), so the skipped-
 stays below plain greedy there (0.99x at best, bench/results/speculative.json). The n-gram
 lookup (free drafts, 1.8x) and an int4 build of the same model as the drafter (1.4x, ~97%
 accepted; its step costs ~0.4 of fp32's), and both together (1.9x), are faster than plain
-greedy. The two engines' ONNX Runtime sessions take turns, which pays only because their
+greedy; so is the self-draft (1.6-1.7x on 3 prompts, ~98% accepted; with the lookup ~2x).
+The two engines' ONNX Runtime sessions take turns, which pays only because their
 thread pools stop spinning when a run ends (``runtimes/onnxruntime/session.py``).
 
 Batch 1 and greedy only; ``Engine.generate(..., speculative=...)`` is the entry point.
@@ -60,8 +64,11 @@ MODES = ("self", "ngram", "draft", "ngram+self", "ngram+draft")
 # costs ~0.9 of a full step, so it must be nearly sure: on SmolLM2 (bench/speculative.py's
 # sweep, a busy machine) 3 blocks skipped and 0.8-0.9 came out at 1.01-1.04x plain, 8 blocks
 # and any threshold at or below 0.99x, and drafting every slot at 0.7-0.9x. An int4 build
-# drafts at ~0.4 of a step; 0.6 keeps its acceptance near 90%.
-DEFAULT_MIN_CONFIDENCE = {"self": 0.8, "draft": 0.6}
+# drafts at ~0.4 of a step; 0.6 keeps its acceptance near 90%. The self-draft (an RTN int4
+# copy, ``self_draft.py``) costs ~0.35 of a step, so a draft pays once it is accepted about a
+# third of the time: 0.3 stops only where the copy is unsure (on SmolLM2 it agrees ~98% and
+# drafting every slot came out 1.69x plain against 1.59x at 0.6).
+DEFAULT_MIN_CONFIDENCE = {"self": 0.8, "draft": 0.6, "self-draft": 0.3}
 # The self drafter's default: this fraction of the feed-forward blocks (the ranking's top)
 SELF_DRAFT_SKIP = 0.1
 

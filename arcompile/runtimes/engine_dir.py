@@ -6,6 +6,9 @@ Layout::
                            source hash, tool versions, and the size and sha256 of every file
     OUT/model.onnx         the graph (ONNX Runtime), weights in model.onnx.data
     OUT/tokenizer/         when the source had a tokenizer
+    OUT/draft/             with ``--self-draft``: a quantized engine of the same model that
+                           drafts for ``speculative="self"`` (``arcompile/self_draft.py``);
+                           its files are in OUT's manifest like the rest
 
 Everything is written into a temporary sibling folder that is renamed into place only when
 complete, so a failure never leaves a half-written engine; an existing engine at OUT is
@@ -33,14 +36,20 @@ def is_engine_dir(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-@contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside ``out_dir``; moved into place if the block succeeds."""
+def check_output_dir(out_dir: Path) -> None:
+    """EngineError unless ``out_dir`` is free: absent, empty, or an engine to replace."""
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and not is_engine_dir(out_dir) and (
             not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"{out_dir} exists and is not an arcompile engine directory; "
                           "choose another output path or remove it")
+
+
+@contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir``; moved into place if the block succeeds."""
+    out_dir = Path(out_dir).absolute()
+    check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
@@ -68,8 +77,8 @@ def write_manifest(engine_dir: Path, manifest: dict, files: dict | None = None) 
     if files is None:
         files = {}
         for p in sorted(engine_dir.rglob("*")):
-            if p.is_file() and p.name != MANIFEST:
-                rel = p.relative_to(engine_dir).as_posix()
+            rel = p.relative_to(engine_dir).as_posix()
+            if p.is_file() and rel != MANIFEST:  # a nested engine's manifest is a file here
                 files[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     full = {"format": "arcompile-engine", "format_version": FORMAT_VERSION, **manifest,
             "files": files}
