@@ -124,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _report_speculation(eng) -> None:
     s = eng.speculation
     if s is not None:
-        _log(f"speculative ({s['mode']}): {s['accepted']} of {s['drafted']} drafts accepted "
+        drafter = f", drafted by the {s['drafter']}" if s.get("drafter") else ""
+        _log(f"speculative ({s['mode']}{drafter}): {s['accepted']} of {s['drafted']} drafts accepted "
              f"({s['acceptance_rate']:.0%}), {s['tokens_per_round']:.2f} tokens per "
              f"verifying step")
 

@@ -276,8 +276,8 @@ class Engine:
                 own = self._own_draft()  # optimize --self-draft: the quantized copy drafts
                 confidence = spec.DEFAULT_MIN_CONFIDENCE["self-draft"] \
                     if min_confidence is None else min_confidence
-                stats.extra.update({"drafter": f"self-draft "
-                                               f"({self.manifest['self_draft']['mode']})",
+                stats.extra.update({"drafter": f"{self.manifest['self_draft']['mode']} "
+                                               f"self-draft",
                                     "min_confidence": confidence})
                 drafters.append(spec.self_drafter(own._step, None, stats, confidence))
             elif kind == "self":
@@ -289,7 +289,7 @@ class Engine:
                 if draft_skip is None:
                     draft_skip = spec.SELF_DRAFT_SKIP
                 flags = self.skip_flags(draft_skip)
-                stats.extra.update({"drafter": "feed-forward blocks skipped",
+                stats.extra.update({"drafter": "engine with feed-forward blocks skipped",
                                     "draft_skip": draft_skip,
                                     "skipped_blocks": int(flags.sum()),
                                     "min_confidence": confidence})

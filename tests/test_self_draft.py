@@ -77,7 +77,7 @@ def test_self_drafting_with_the_copy_equals_plain_greedy(engines, name, k):
             assert eng.generate(prompt, max_new_tokens=20, speculative="self",
                                 draft_tokens=k, min_confidence=confidence) == want
             s = eng.speculation
-            assert s["drafter"] == f"self-draft ({eng.manifest['self_draft']['mode']})"
+            assert s["drafter"] == f"{eng.manifest['self_draft']['mode']} self-draft"
             assert s["draft_steps"] == s["drafted"] > 0
             assert s["rounds"] + s["accepted"] == 19
             assert s["min_confidence"] == (spec.DEFAULT_MIN_CONFIDENCE["self-draft"]
@@ -91,7 +91,7 @@ def test_draft_skip_picks_the_skipped_block_drafter(engines):
     want = plain(eng, PROMPTS[0], 16)
     assert eng.generate(PROMPTS[0], max_new_tokens=16, speculative="self",
                         draft_skip=0.5) == want
-    assert eng.speculation["drafter"] == "feed-forward blocks skipped"
+    assert eng.speculation["drafter"] == "engine with feed-forward blocks skipped"
     assert eng.speculation["skipped_blocks"] == 1
     with pytest.raises(DecodeError, match="no layer-skip routing"):  # the int8 one is unrouted
         engines["int8"].generate(PROMPTS[0], speculative="self", draft_skip=0.5)
@@ -158,7 +158,8 @@ def test_cli_optimize_inspect_and_run(tmp_path, capsys):
     assert main(["run", str(out), "--prompt-ids", "5,6,7,8,9,10,11", "--max-new-tokens", "10",
                  "--speculative", "self"]) == 0
     got = capsys.readouterr()
-    assert got.out.strip() == want and "drafts accepted" in got.err
+    assert got.out.strip() == want
+    assert "speculative (self, drafted by the int4 self-draft)" in got.err
 
 
 @pytest.mark.slow
