@@ -272,7 +272,8 @@ class Engine:
         for kind in kinds:
             confidence = spec.DEFAULT_MIN_CONFIDENCE.get(kind, 0.0) \
                 if min_confidence is None else min_confidence
-            if kind == "self" and draft_skip is None and self.manifest.get("self_draft"):
+            own_copy = self.manifest.get("self_draft") and draft_skip in (None, False)
+            if kind == "self" and own_copy:
                 own = self._own_draft()  # optimize --self-draft: the quantized copy drafts
                 confidence = spec.DEFAULT_MIN_CONFIDENCE["self-draft"] \
                     if min_confidence is None else min_confidence
