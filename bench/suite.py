@@ -15,7 +15,8 @@ gives it one, else uncached, as it ships), arcompile_uncached (the default passe
 cache), transformers_cached and transformers_uncached (eager ``generate`` with and without
 its cache), torch_compile (transformers' compiled-decode recipe), ort_genai_fp32 and
 ort_genai_int4 (ONNX Runtime GenAI's model-builder output), llama_cpp (llama-cpp-python on
-the same GGUF, Q4_1). Extra systems, run only when named in ``--systems``: arcompile_int4_sym
+the same GGUF, Q4_1). Extra systems, run only when named in ``--systems``: arcompile_int4_kv8
+(the default int4 weights with ``--kv-cache-dtype int8``), arcompile_int4_sym
 (symmetric int4, int4 head) and arcompile_int4_qdq (the same as ``--weight-format qdq``),
 arcompile_int4_g128_fallback_int8 / _fp32 (round-to-nearest g128, which the gate refuses,
 passed by ``--gate-fallback int8`` / ``fp32``). Every system gets the same prompts (text from
@@ -81,7 +82,7 @@ BASELINE = "arcompile_default"  # decode ratios are to the shipping engine
 # decoded faster (the systems alternate within a repeat, so a pair shares the machine's state)
 PAIRED = ("arcompile_int4", ("ort_genai_int4", "llama_cpp"))
 # systems a plain run leaves out (each costs a build and its timings); name them in --systems
-EXTRA = ("arcompile_int4_sym", "arcompile_int4_qdq", "arcompile_int4_g128_fallback_int8",
+EXTRA = ("arcompile_int4_kv8", "arcompile_int4_sym", "arcompile_int4_qdq", "arcompile_int4_g128_fallback_int8",
          "arcompile_int4_g128_fallback_fp32")
 
 
@@ -149,6 +150,10 @@ def arcompile_systems(loaded, tmp: Path, threads: int, wanted: Callable[[str], b
          {"quantize": "int4", "group_size": 64, "kv_cache_dtype": "int8"},
          "the same weights, and the cache in int8 (GroupQueryAttention's quantized cache): a "
          "quarter of the cache bytes read per token, which int4 weights leave untouched"),
+        ("arcompile_int4_kv8", "arcompile default + --quantize int4 --kv-cache-dtype int8",
+         "int4 weights, int8 KV cache", "default", True, True,
+         {"quantize": "int4", "kv_cache_dtype": "int8"},
+         "the default int4 weights (groups of 32), and the cache in int8"),
         ("arcompile_int4_sym", "arcompile default + --quantize int4 --zero-point none "
          "--lm-head int4", "int4 weights, symmetric", "default", True, True,
          {"quantize": "int4", "zero_point": "none", "lm_head": "int4"},
