@@ -19,7 +19,6 @@ The steps, each reported through ``log``:
 from __future__ import annotations
 
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,42 +186,35 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     context = (int(cache_layout["max_context"]) if cache_layout is not None
                else int(max_context or loaded.config.get("max_position_embeddings") or 0)
                or None)
-    draft_folder = None
-    if self_draft is not None:
+    nested = None
+    if self_draft is not None:  # copied before the engine's own routing and quantization
         if cache_layout is None:
             raise ArcompileError(f"--self-draft drafts into the KV cache, which was not "
                                  f"inserted ({refused}); nothing was written")
-        # from the cached graph as it stands: routing and the engine's quantization are its own
-        draft_folder, extra["self_draft"] = own_draft.build(
-            graph, self_draft, tok, int(vocab), loaded, say, Path(output_dir), context)
-    try:
-        if skip is not None:  # layer-skip routing: after the cache, before quantization
-            records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
-        if quantize or kv_int8:
-            from arcompile import quantization
+        nested = own_draft.writer(graph, self_draft, tok, int(vocab), loaded, say, context)
+    if skip is not None:  # layer-skip routing: after the cache, before quantization
+        records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
+    if quantize or kv_int8:
+        from arcompile import quantization
 
-            quant_records, quantized = quantization.quantize(
-                graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say,
-                hooks, method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
-                zero_point=zero_point, kv_cache_dtype=kv_cache_dtype, embedding=embedding,
-                weight_format=weight_format, gate_fallback=gate_fallback, max_tokens=context)
-            records += quant_records
-            extra["quantization"] = quantized
+        quant_records, quantized = quantization.quantize(
+            graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
+            method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
+            zero_point=zero_point, kv_cache_dtype=kv_cache_dtype, embedding=embedding,
+            weight_format=weight_format, gate_fallback=gate_fallback, max_tokens=context)
+        records += quant_records
+        extra["quantization"] = quantized
 
-            def check_perplexity(folder: Path) -> None:  # ORT's perplexity against the IR's
-                quantization.check_engine(folder, quantized)
-                say(f"  ONNX Runtime perplexity {quantized['perplexity_onnxruntime']:.3f} "
-                    f"(IR: {quantized['perplexity']:.3f})")
-                quantized.pop("_ids", None)
-            validate = check_perplexity
-        manifest, cache_layout, diff = write_engine(
-            graph, output_dir, loaded, records, tokenizer=tok,
-            sample=sample if check_numerics and not (quantize or kv_int8) else None,
-            refused=refused, log=say, extra=extra, validate=validate,
-            embed={own_draft.FOLDER: draft_folder} if draft_folder else None)
-    finally:
-        if draft_folder is not None:
-            shutil.rmtree(draft_folder.parent, ignore_errors=True)
+        def check_perplexity(folder: Path) -> None:  # ORT's perplexity against the IR's
+            quantization.check_engine(folder, quantized)
+            say(f"  ONNX Runtime perplexity {quantized['perplexity_onnxruntime']:.3f} "
+                f"(IR: {quantized['perplexity']:.3f})")
+            quantized.pop("_ids", None)
+        validate = check_perplexity
+    manifest, cache_layout, diff = write_engine(
+        graph, output_dir, loaded, records, tokenizer=tok,
+        sample=sample if check_numerics and not (quantize or kv_int8) else None,
+        refused=refused, log=say, extra=extra, validate=validate, nested=nested)
     seconds = time.perf_counter() - start
     say(f"wrote {output_dir} in {seconds:.1f} s")
     return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
@@ -233,16 +225,17 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
                  tokenizer: Any = None, sample: torch.Tensor | None = None,
                  refused: str | None = None, log: Callable[[str], None] | None = None,
                  extra: dict | None = None, validate: Callable[[Path], None] | None = None,
-                 embed: dict[str, Path] | None = None) -> tuple[dict, dict | None, float]:
+                 nested: Callable[[Path], dict] | None = None
+                 ) -> tuple[dict, dict | None, float]:
     """Lower ``graph`` as it stands into an engine directory (staged, moved into place).
 
     With ``sample``, ONNX Runtime (its optimizations off) is checked against the reference
     interpreter on it. Returns (manifest, the manifest's kv_cache entry or None, that check's
     max |Δlogit| or NaN). ``extra``: more manifest entries. ``validate(folder)`` runs on the
     staged engine once its manifest is written (it may update ``extra``; raising leaves
-    nothing behind). ``embed``: finished engine folders moved in under these names before
-    the manifest is written, so its file list covers them (the self-draft). ``optimize`` and
-    ``arcompile profile`` (once per pass) use it.
+    nothing behind). ``nested(folder)`` writes more into the staged engine before its
+    manifest, which then lists those files too, and returns more manifest entries (the
+    self-draft). ``optimize`` and ``arcompile profile`` (once per pass) use it.
     """
     from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
 
@@ -256,8 +249,6 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        for name, folder in (embed or {}).items():
-            shutil.move(str(folder), str(tmp / name))
         entries = {
             "runtime": "onnxruntime-cpu",
             "model_file": "model.onnx",
@@ -268,6 +259,7 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
             **({"kv_cache_refused": refused} if refused else {}),
             # layer-skip routing (passes/skip_ffn.py): its flags input, blocks and choice
             **({"skip_ffn": graph.meta["skip_ffn"]} if graph.meta.get("skip_ffn") else {}),
+            **(nested(tmp) if nested is not None else {}),
             "passes": [r.as_dict() for r in records],
             "lowering_max_abs_diff": diff,
             "source": {"path": loaded.source, "kind": loaded.source_kind,

@@ -19,7 +19,8 @@ per routed feed-forward block: ``generate(..., skip=True)`` decodes with the cal
 skipped (lossy; ``skip=0.3``: the top 30% of the ranking), and ``speculative="self"`` drafts
 with them skipped and verifies with the full model, losslessly for greedy decoding
 (``speculative.py``); an engine optimized with ``self_draft="int4"`` drafts with its own
-quantized copy instead (``self_draft.py``; faster on small models). ``speculative="ngram"`` (prompt lookup) needs only the cache:
+quantized copy instead (``self_draft.py``; faster on small models). ``speculative="ngram"``
+(prompt lookup) needs only the cache:
 
     new = eng.generate(ids, max_new_tokens=128, speculative="self", draft_tokens=4)
     eng.speculation   # {"acceptance_rate": ..., "tokens_per_round": ..., ...}

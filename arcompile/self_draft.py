@@ -22,8 +22,6 @@ and its files are in the engine's file list, so loading checks them as it checks
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,53 +56,50 @@ def check_options(self_draft: str | None, quantize: str | None, kv_cache: bool,
                              f"(--self-draft int4) or drop it")
 
 
-def build(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[str], None],
-          parent: Path, max_tokens: int | None = None) -> tuple[Path, dict]:
-    """Quantize a copy of ``graph`` (left as it is) into an engine in a temporary folder beside
-    ``parent``; (that folder's ``FOLDER`` subfolder, the manifest's ``self_draft`` entry).
-    The caller moves the subfolder into the engine and removes the temporary folder."""
-    from arcompile import quantization
-    from arcompile.compile import write_engine
+def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[str], None],
+           max_tokens: int | None = None) -> Callable[[Path], dict]:
+    """Copy ``graph`` as it stands now (it is left as it is); return ``write(engine_folder)``,
+    which quantizes the copy, writes it as an engine at ``engine_folder / FOLDER`` and returns
+    the manifest's ``self_draft`` entry (``compile.write_engine``'s ``nested``)."""
     from arcompile.passes.insert_kv_cache import _copy_graph
 
-    def note(msg: str) -> None:
-        say(f"  [self-draft] {msg.strip()}")
+    work = _copy_graph(graph)  # shares the weight tensors, which quantizing never changes
 
-    say(f"self-draft: a copy of the model with {mode} weights (rtn), to draft for "
-        f"speculative='self'")
-    work = _copy_graph(graph)
-    try:
-        records, info = quantization.quantize(work, mode, None, MAX_PPL_INCREASE, tokenizer,
-                                              vocab, note, method="rtn", max_tokens=max_tokens)
-    except ArcompileError as e:
-        raise ArcompileError(f"--self-draft {mode} (gated at +{MAX_PPL_INCREASE:.0%} "
-                             f"perplexity, not --max-ppl-increase): {e}") from None
+    def write(engine_folder: Path) -> dict:
+        from arcompile import quantization
+        from arcompile.compile import write_engine
 
-    def check(folder: Path) -> None:  # ORT's perplexity against the IR's, as for any engine
-        quantization.check_engine(folder, info)
-        info.pop("_ids", None)
+        def note(msg: str) -> None:
+            say(f"  [self-draft] {msg.strip()}")
 
-    parent = Path(parent).absolute()
-    parent.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{parent.name}.", suffix=".draft",
-                                   dir=parent.parent))
-    try:
-        write_engine(work, holder / FOLDER, loaded, records, log=note,
+        say(f"self-draft: a copy of the model with {mode} weights (rtn), to draft for "
+            f"speculative='self'")
+        try:
+            records, info = quantization.quantize(work, mode, None, MAX_PPL_INCREASE, tokenizer,
+                                                  vocab, note, method="rtn",
+                                                  max_tokens=max_tokens)
+        except ArcompileError as e:
+            raise ArcompileError(f"--self-draft {mode} (gated at +{MAX_PPL_INCREASE:.0%} "
+                                 f"perplexity, not --max-ppl-increase): {e}") from None
+
+        def check(folder: Path) -> None:  # ORT's perplexity against the IR's, as for any engine
+            quantization.check_engine(folder, info)
+            info.pop("_ids", None)
+
+        write_engine(work, Path(engine_folder) / FOLDER, loaded, records, log=note,
                      extra={"quantization": info, "self_draft_of": "the engine one folder up"},
                      validate=check)
-    except BaseException:
-        shutil.rmtree(holder, ignore_errors=True)
-        raise
-    entry = {"folder": FOLDER, "mode": mode, "method": "rtn",
-             "built_from": "the model with its KV cache, before layer-skip routing and the "
-                           "engine's own quantization",
-             "perplexity_model": info["perplexity_unquantized"],
-             "perplexity": info["perplexity_onnxruntime"],
-             "greedy_agreement": info["greedy_agreement"],
-             "max_ppl_increase": MAX_PPL_INCREASE}
-    note(f"perplexity {entry['perplexity_model']:.3f} -> {entry['perplexity']:.3f} (ONNX "
-         f"Runtime), greedy agreement {entry['greedy_agreement']:.1%}")
-    return holder / FOLDER, entry
+        entry = {"folder": FOLDER, "mode": mode, "method": "rtn",
+                 "built_from": "the model with its KV cache, before layer-skip routing and "
+                               "the engine's own quantization",
+                 "perplexity_model": info["perplexity_unquantized"],
+                 "perplexity": info["perplexity_onnxruntime"],
+                 "greedy_agreement": info["greedy_agreement"],
+                 "max_ppl_increase": MAX_PPL_INCREASE}
+        note(f"perplexity {entry['perplexity_model']:.3f} -> {entry['perplexity']:.3f} (ONNX "
+             f"Runtime), greedy agreement {entry['greedy_agreement']:.1%}")
+        return {"self_draft": entry}
+    return write
 
 
 def load(engine) -> Any:

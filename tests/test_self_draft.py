@@ -122,6 +122,16 @@ def test_refusals_write_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_a_draft_beyond_its_gate_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch):
+    from arcompile import self_draft
+
+    monkeypatch.setattr(self_draft, "MAX_PPL_INCREASE", -1.0)  # no draft can pass
+    with pytest.raises(ArcompileError, match=r"--self-draft int4 \(gated at .*not "
+                                             r"--max-ppl-increase\).*perplexity rose"):
+        arcompile.optimize(tm.llama(), tmp_path / "e", log=None, self_draft="int4")
+    assert list(tmp_path.iterdir()) == []  # neither the engine nor a staged folder
+
+
 def test_a_tampered_draft_is_refused(engines, tmp_path):
     copy = tmp_path / "engine"
     shutil.copytree(engines["drafted"].path, copy)
