@@ -23,14 +23,15 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [42]]
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    """Tiny LLaMA: routed (skip 0.5) with an int4 self-draft, the same without it, and
-    unrouted with an int8 self-draft."""
+    """Tiny LLaMA: routed (skip 0.5) with an int4 self-draft, the same without it, unrouted
+    with an int8 self-draft (concat cache), and int8 weights with an int4 self-draft."""
     folder = tmp_path_factory.mktemp("self_draft")
     module = tm.llama()
     out = {}
     for name, kw in (("drafted", {"skip": 0.5, "self_draft": "int4"}),
                      ("routed", {"skip": 0.5}),
-                     ("int8", {"self_draft": "int8", "kv_cache_runtime": "concat"})):
+                     ("int8", {"self_draft": "int8", "kv_cache_runtime": "concat"}),
+                     ("quantized", {"quantize": "int8", "self_draft": "int4"})):
         arcompile.optimize(module, folder / name, log=None, **kw)
         out[name] = arcompile.load(folder / name)
     return out
@@ -48,6 +49,19 @@ def test_the_engine_is_the_one_built_without_the_draft(engines):
     a = onnx.load(str(drafted.path / "model.onnx"), load_external_data=False)
     assert "MatMulNBits" not in {n.op_type for n in a.graph.node}
     assert drafted.manifest["skip_ffn"]["chosen"] == routed.manifest["skip_ffn"]["chosen"]
+
+
+def test_the_engines_own_quantization_leaves_the_draft_alone(engines):
+    # the same int4 copy of the same float graph, whether the engine is then quantized or
+    # routed: the two drafts compute the same logits
+    a = engines["drafted"]._own_draft()
+    b = engines["quantized"]._own_draft()
+    np.testing.assert_array_equal(a.logits([PROMPTS[1]]), b.logits([PROMPTS[1]]))
+    eng = engines["quantized"]
+    assert eng.manifest["quantization"]["mode"] == "int8"
+    for prompt in PROMPTS:
+        assert eng.generate(prompt, max_new_tokens=16, speculative="self") == \
+            plain(eng, prompt, 16)
 
 
 def test_the_draft_is_a_quantized_engine_listed_in_the_manifest(engines):
