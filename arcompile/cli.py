@@ -125,8 +125,8 @@ def _report_speculation(eng) -> None:
     s = eng.speculation
     if s is not None:
         drafter = f", drafted by the {s['drafter']}" if s.get("drafter") else ""
-        _log(f"speculative ({s['mode']}{drafter}): {s['accepted']} of {s['drafted']} drafts accepted "
-             f"({s['acceptance_rate']:.0%}), {s['tokens_per_round']:.2f} tokens per "
+        _log(f"speculative ({s['mode']}{drafter}): {s['accepted']} of {s['drafted']} drafts "
+             f"accepted ({s['acceptance_rate']:.0%}), {s['tokens_per_round']:.2f} tokens per "
              f"verifying step")
 
 

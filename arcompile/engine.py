@@ -195,8 +195,7 @@ class Engine:
         ``skip_flags``). ``speculative``: ``"self"`` (draft with the engine's own quantized
         copy when it was optimized with ``self_draft``, unless ``draft_skip`` is given; else
         with ``draft_skip``'s blocks skipped, default ``speculative.SELF_DRAFT_SKIP``),
-        ``"ngram"`` (prompt lookup) or
-        ``"draft"`` (another engine of the same model and cache layout drafts, e.g. its int4
+        ``"ngram"`` (prompt lookup) or ``"draft"`` (another engine of the same model and cache layout drafts, e.g. its int4
         build: ``draft`` is that Engine or its folder), up to ``draft_tokens`` drafts
         verified in one full step; greedy and batch 1 only, the output is plain greedy's.
         ``min_confidence``: stop drafting with a model below this top probability (default
@@ -270,14 +269,14 @@ class Engine:
         check_context(rows, max_new_tokens, self.max_context)
         stats = spec.SpeculationStats(mode, int(draft_tokens))
         drafters = []
+        own_copy = self.manifest.get("self_draft") and draft_skip in (None, False)
         for kind in kinds:
+            if kind == "self" and own_copy:  # optimize --self-draft: the quantized copy drafts
+                kind = "self-draft"
             confidence = spec.DEFAULT_MIN_CONFIDENCE.get(kind, 0.0) \
                 if min_confidence is None else min_confidence
-            own_copy = self.manifest.get("self_draft") and draft_skip in (None, False)
-            if kind == "self" and own_copy:
-                own = self._own_draft()  # optimize --self-draft: the quantized copy drafts
-                confidence = spec.DEFAULT_MIN_CONFIDENCE["self-draft"] \
-                    if min_confidence is None else min_confidence
+            if kind == "self-draft":
+                own = self._own_draft()
                 stats.extra.update({"drafter": f"{self.manifest['self_draft']['mode']} "
                                                f"self-draft",
                                     "min_confidence": confidence})
