@@ -195,9 +195,10 @@ class Engine:
         ``skip_flags``). ``speculative``: ``"self"`` (draft with the engine's own quantized
         copy when it was optimized with ``self_draft``, unless ``draft_skip`` is given; else
         with ``draft_skip``'s blocks skipped, default ``speculative.SELF_DRAFT_SKIP``),
-        ``"ngram"`` (prompt lookup) or ``"draft"`` (another engine of the same model and cache layout drafts, e.g. its int4
-        build: ``draft`` is that Engine or its folder), up to ``draft_tokens`` drafts
-        verified in one full step; greedy and batch 1 only, the output is plain greedy's.
+        ``"ngram"`` (prompt lookup) or ``"draft"`` (another engine of the same model and
+        cache layout drafts, e.g. its int4 build: ``draft`` is that Engine or its folder), up
+        to ``draft_tokens`` drafts verified in one full step; greedy and batch 1 only, the
+        output is plain greedy's.
         ``min_confidence``: stop drafting with a model below this top probability (default
         ``speculative.DEFAULT_MIN_CONFIDENCE``).
         """

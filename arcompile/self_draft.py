@@ -103,14 +103,12 @@ def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[
 
 
 def load(engine) -> Any:
-    """The self-draft of ``engine`` as an Engine, or None when it has none. Its files were
+    """The self-draft of ``engine`` (whose manifest names one) as an Engine. Its files were
     checked with the engine's manifest; the folder is always ``FOLDER``, whatever a manifest
     says, so a crafted manifest cannot point the loader elsewhere."""
     from arcompile.engine import Engine
     from arcompile.errors import EngineError
 
-    if engine.manifest.get("self_draft") is None:
-        return None
     if f"{FOLDER}/arcompile.json" not in engine.manifest.get("files", {}):
         raise EngineError(f"engine {engine.path} names a self-draft but its files do not "
                           f"list {FOLDER}/; re-run `arcompile optimize --self-draft`")

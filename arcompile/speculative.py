@@ -39,11 +39,12 @@ What pays depends on the costs: a round costs the drafter's steps plus one verif
 accepted drafts plus one. Skipping feed-forward blocks saves at most their share of a step
 (about 60% of it, all 30 blocks), while SmolLM2's predictions move fast as blocks go (73% of
 drafts accepted with 3 blocks skipped, 57% with 8, 20% with 15), so the skipped-block drafter
-stays below plain greedy there (0.99x at best, bench/results/speculative.json). The n-gram
-lookup (free drafts, 1.8x) and an int4 build of the same model as the drafter (1.4x, ~97%
-accepted; its step costs ~0.4 of fp32's), and both together (1.9x), are faster than plain
-greedy; so is the self-draft (1.6-1.7x on 3 prompts, ~98% accepted; with the lookup ~2x).
-The two engines' ONNX Runtime sessions take turns, which pays only because their
+stays below plain greedy there (0.94x, 0.97x at best in its sweep,
+bench/results/speculative.json). The self-draft (an int4 copy whose step costs ~0.35 of
+fp32's; 1.58x, 99% accepted), the n-gram lookup (free drafts, 2.05x) and both together
+(2.25x) are faster than plain greedy, as an int4 build of the same model passed as
+``draft`` was in that file's earlier run (1.44x alone, 1.91x after the lookup; the JSON at
+commit e1ef838). The two engines' ONNX Runtime sessions take turns, which pays only because their
 thread pools stop spinning when a run ends (``runtimes/onnxruntime/session.py``).
 
 Batch 1 and greedy only; ``Engine.generate(..., speculative=...)`` is the entry point.
@@ -66,8 +67,9 @@ MODES = ("self", "ngram", "draft", "ngram+self", "ngram+draft")
 # and any threshold at or below 0.99x, and drafting every slot at 0.7-0.9x. An int4 build
 # drafts at ~0.4 of a step; 0.6 keeps its acceptance near 90%. The self-draft (an RTN int4
 # copy, ``self_draft.py``) costs ~0.35 of a step, so a draft pays once it is accepted about a
-# third of the time: 0.3 stops only where the copy is unsure (on SmolLM2 it agrees ~98% and
-# drafting every slot came out 1.69x plain against 1.59x at 0.6).
+# third of the time: 0.3 stops only where the copy is unsure. On SmolLM2, which it agrees
+# with ~98%, the sweep in bench/results/speculative.json had 4 drafts at 1.37x plain with
+# 0.6, 1.48x with 0.3 and 1.53x drafting every slot (6 drafts: 1.50x, 1.64x, 1.62x).
 DEFAULT_MIN_CONFIDENCE = {"self": 0.8, "draft": 0.6, "self-draft": 0.3}
 # The self drafter's default: this fraction of the feed-forward blocks (the ranking's top)
 SELF_DRAFT_SKIP = 0.1

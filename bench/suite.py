@@ -82,8 +82,8 @@ BASELINE = "arcompile_default"  # decode ratios are to the shipping engine
 # decoded faster (the systems alternate within a repeat, so a pair shares the machine's state)
 PAIRED = ("arcompile_int4", ("ort_genai_int4", "llama_cpp"))
 # systems a plain run leaves out (each costs a build and its timings); name them in --systems
-EXTRA = ("arcompile_int4_kv8", "arcompile_int4_sym", "arcompile_int4_qdq", "arcompile_int4_g128_fallback_int8",
-         "arcompile_int4_g128_fallback_fp32")
+EXTRA = ("arcompile_int4_kv8", "arcompile_int4_sym", "arcompile_int4_qdq",
+         "arcompile_int4_g128_fallback_int8", "arcompile_int4_g128_fallback_fp32")
 
 
 @dataclass
