@@ -135,6 +135,9 @@ def main() -> None:
     engines = {p: arcompile.load(p, threads=args.threads) for p in paths}
     if engines[args.fp32_engine].manifest.get("quantization"):
         raise SystemExit(f"{args.fp32_engine} is quantized; the first engine is the fp32 one")
+    for p, eng in engines.items():
+        if not eng.kv_cache:
+            raise SystemExit(f"{p} has no KV cache; this bench times cached decode steps")
     held = heldtext.token_ids(engines[args.fp32_engine].tokenizer, heldtext.HELD,
                               max(args.contexts))
     start = time.time()
