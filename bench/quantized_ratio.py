@@ -67,10 +67,14 @@ def summarize(fp32_ms: list[float], ms: list[float], target: float) -> dict:
 def weight_kernels_ms(engine_dir: str, threads: int, runs: int = 100) -> float | None:
     """Median ms of one run of every ``MatMulNBits`` node of the engine's graph, alone: same
     attributes, initializers of the same shapes and types filled with random bytes, each
-    node fed a one-row input of its width. None when the graph has none."""
+    node fed a one-row input of its width, in a session set up as an engine's. None when the
+    graph has none."""
+    import tempfile
+
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from arcompile.runtimes.onnxruntime.session import make_session
 
     model = onnx.load(str(Path(engine_dir) / "model.onnx"), load_external_data=False)
     found = {t.name: t for t in model.graph.initializer}
@@ -86,7 +90,7 @@ def weight_kernels_ms(engine_dir: str, threads: int, runs: int = 100) -> float |
         for name in node.input[1:]:
             if name and name not in inits:
                 t = found[name]
-                dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+                dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
                 value = (rng.integers(0, 256, tuple(t.dims)).astype(dtype)
                          if np.issubdtype(dtype, np.integer)
                          else (rng.random(tuple(t.dims)) * 0.01).astype(dtype))
@@ -100,11 +104,9 @@ def weight_kernels_ms(engine_dir: str, threads: int, runs: int = 100) -> float |
     graph = helper.make_graph(graph_nodes, "weights", inputs, outputs, list(inits.values()))
     alone = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
                                                     helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    session = ort.InferenceSession(alone.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # the engine's own session settings
+        onnx.save(alone, f"{tmp}/weights.onnx")
+        session = make_session(f"{tmp}/weights.onnx", threads=threads)
     feed = {f"x{k}": rng.standard_normal((1, k)).astype(np.float32) for k in widths}
     for _ in range(5):
         session.run(None, feed)
