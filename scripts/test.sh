@@ -8,6 +8,14 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/setup-venv.sh
 source scripts/setup-venv.sh
 
+# The SmolLM2 tests write engines of 0.5-1 GB under pytest's temp folder (each removed when its
+# test passes); with less free than the peak the run fails late with ENOSPC, so say it first.
+tmp_dir="${TMPDIR:-/tmp}"
+free_mb=$(df -Pm "$tmp_dir" 2>/dev/null | awk 'NR == 2 {print $4}')
+if [[ -n "$free_mb" && "$free_mb" -lt 4000 ]]; then
+  echo "test.sh: warning: $tmp_dir has ${free_mb} MB free; the suite needs about 3 GB there at its peak" >&2
+fi
+
 status=0
 python -m pytest -q "$@" || status=$?
 if [[ $status -eq 5 ]]; then

@@ -225,7 +225,7 @@ def test_errors(engines):
         routed.generate([1, 2], speculative="self", do_sample=True)
     with pytest.raises(DecodeError, match="speculative must be"):
         routed.generate([1, 2], speculative="medusa")
-    with pytest.raises(DecodeError, match="--skip FRACTION\); this engine has neither"):
+    with pytest.raises(DecodeError, match=r"--skip FRACTION\); this engine has neither"):
         unrouted.generate([1, 2], speculative="self")
     with pytest.raises(DecodeError, match="no layer-skip routing"):
         unrouted.generate([1, 2], skip=True)
