@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=scripts/setup-venv.sh
 source scripts/setup-venv.sh
 
-# The SmolLM2 tests write engines of 0.5-1 GB under pytest's temp folder (each removed when its
+# The SmolLM2 tests write engines of up to 1 GB under pytest's temp folder (each removed when its
 # test passes); with less free than the peak the run fails late with ENOSPC, so say it first.
 tmp_dir="${TMPDIR:-/tmp}"
 free_mb=$(df -Pm "$tmp_dir" 2>/dev/null | awk 'NR == 2 {print $4}') || free_mb=''
