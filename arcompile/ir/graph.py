@@ -45,9 +45,13 @@ class In:
 
 
 class Value:
-    """One output of one node: dtype, symbolic shape, and for constants the tensor itself."""
+    """One output of one node: dtype, symbolic shape, and for constants the tensor itself.
 
-    __slots__ = ("name", "dtype", "shape", "producer", "index", "data", "__weakref__")
+    ``exact``: for a constant a pass computed (a folded table, a rotary cache), its value in
+    float64, which the float64 numeric check runs instead of ``data`` rounded to the graph's
+    dtype; None for weights and anything computed without rounding."""
+
+    __slots__ = ("name", "dtype", "shape", "producer", "index", "data", "exact", "__weakref__")
 
     def __init__(self, name: str, dtype: Any, shape: tuple[Dim, ...] | None,
                  producer: "Node", index: int):
@@ -57,6 +61,7 @@ class Value:
         self.producer = producer
         self.index = index
         self.data: torch.Tensor | None = None
+        self.exact: torch.Tensor | None = None
 
     @property
     def graph(self) -> "Graph":
@@ -198,12 +203,18 @@ class Graph:
         return node.output
 
     def add_constant(self, tensor: torch.Tensor, name: str = "const", module: str = "",
-                     origin: str = "frontend") -> Value:
-        """A weight or constant. The tensor is kept by reference, never copied."""
+                     origin: str = "frontend", exact: torch.Tensor | None = None) -> Value:
+        """A weight or constant. The tensor is kept by reference, never copied. ``exact``: its
+        float64 value when ``tensor`` is a rounding of one (see ``Value``)."""
         node = self.add_node("arc.constant", (), {"name": name},
                              [(tensor.dtype, tuple(tensor.shape))], module=module,
                              origin=origin, names=[name])
         node.output.data = tensor
+        if exact is not None:
+            if exact.dtype != torch.float64 or exact.shape != tensor.shape:
+                raise ValueError(f"exact value of {name} must be float64 of shape "
+                                 f"{tuple(tensor.shape)}, got {exact.dtype} {tuple(exact.shape)}")
+            node.output.exact = exact
         return node.output
 
     def _unique(self, base: str) -> str:

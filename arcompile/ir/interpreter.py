@@ -5,12 +5,20 @@ they were traced from, ``sym.*`` nodes do Python arithmetic on sizes, and ``arc.
 the reference implementation registered for them in ``arcompile.ir.ops``. While running it
 binds the graph's symbolic dims to the sizes it sees and fails with the dim that disagreed.
 Intermediate tensors are freed after their last use, so a whole model fits in memory.
+
+``compute_dtype=torch.float64`` runs the graph's floating-point maths in float64: float inputs
+and constants are widened, every floating dtype named by an op (``dtype=`` of a cast or
+factory, ``compute_dtype`` / ``softmax_dtype`` of an ``arc.*`` op) becomes float64, and so does
+torch's default dtype while it runs. The numeric checks use it
+(``arcompile/passes/numeric_check.py`` says why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -31,52 +39,117 @@ _RESHAPES = {"aten.view", "aten._unsafe_view"}
 
 
 def run_graph(graph: Graph, inputs: Sequence[torch.Tensor], check_shapes: bool = True,
-              observe: Callable[[Node, list[Any]], None] | None = None) -> list[torch.Tensor]:
+              observe: Callable[[Node, list[Any]], None] | None = None,
+              compute_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """Run ``graph`` on ``inputs`` (in graph-input order) and return its outputs.
 
     ``observe(node, args)``, when given, sees every computed node's input values just before
-    the node runs (calibration reads the activations entering each linear this way)."""
+    the node runs (calibration reads the activations entering each linear this way).
+    ``compute_dtype`` (float64 only): run every floating-point op in it (module docstring)."""
     if len(inputs) != len(graph.inputs):
         raise VerifyError(f"graph '{graph.name}' takes {len(graph.inputs)} inputs, got {len(inputs)}")
+    if compute_dtype not in (None, torch.float64):
+        raise ValueError(f"compute_dtype must be None or torch.float64, got {compute_dtype}")
+    widen = compute_dtype is not None
     order = graph.nodes()
     last_use = _last_uses(graph, order)
-    env: dict[Value, Any] = dict(zip(graph.inputs, inputs))
+    env: dict[Value, Any] = dict(zip(graph.inputs, (_widen(x) if widen else x for x in inputs)))
     bound: dict[str, int] = {}
+    default_dtype = torch.get_default_dtype()
     with torch.no_grad():
-        for step, node in enumerate(order):
-            if node.op == "arc.input":
-                result: Any = env[node.output]
-            elif node.op == "arc.constant":
-                result = node.output.data
-            else:
-                args = [env[v] for v in node.inputs]
-                if observe is not None:
-                    observe(node, args)
-                result = evaluate_node(node, args)
-            results = result if len(node.outputs) > 1 else [result]
-            for v, r in zip(node.outputs, results):
-                env[v] = r
-                if check_shapes:
-                    _check(v, r, bound, node)
-            for v in last_use.get(step, ()):
-                env.pop(v, None)
+        if widen:  # factories without a dtype (scalar_tensor, float arange) make float64
+            torch.set_default_dtype(torch.float64)
+        try:
+            for step, node in enumerate(order):
+                if node.op == "arc.input":
+                    result: Any = env[node.output]
+                elif node.op == "arc.constant":
+                    result = node.output.data if not widen else _wide_constant(node.output)
+                else:
+                    args = [env[v] for v in node.inputs]
+                    if observe is not None:
+                        observe(node, args)
+                    result = evaluate_node(node, args, widen)
+                results = result if len(node.outputs) > 1 else [result]
+                for v, r in zip(node.outputs, results):
+                    env[v] = r
+                    if check_shapes:
+                        _check(v, r, bound, node, widen)
+                for v in last_use.get(step, ()):
+                    env.pop(v, None)
+        finally:
+            torch.set_default_dtype(default_dtype)
     return [env[o] for o in graph.outputs]
 
 
+_WIDENED = threading.local()  # the cache of ``widened_constants``, per thread
+
+
+@contextlib.contextmanager
+def widened_constants() -> Iterator[None]:
+    """Within it, float64 runs widen each constant once and reuse it (a proof runs the same
+    graphs several times; SmolLM2's weights take ~1 s to widen, 1 GB held until it ends)."""
+    outer = getattr(_WIDENED, "cache", None)
+    _WIDENED.cache = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _WIDENED.cache = outer
+
+
+def _wide_constant(v: Value) -> torch.Tensor:
+    if v.exact is not None:
+        return v.exact
+    cache = getattr(_WIDENED, "cache", None)
+    if cache is None:
+        return _widen(v.data)
+    key = id(v.data)
+    if key not in cache:  # the tensor is held too, so its id stays its own meanwhile
+        cache[key] = (v.data, _widen(v.data))
+    return cache[key][1]
+
+
+def _widen(x: Any) -> Any:
+    """float64 for a floating tensor or a floating dtype named in an attribute; else as is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float64) if x.is_floating_point() else x
+    if isinstance(x, torch.dtype):
+        return torch.float64 if x.is_floating_point else x
+    if isinstance(x, str) and x in _FLOAT_NAMES:  # e.g. arc.attention's softmax_dtype
+        return "float64"
+    if isinstance(x, list):
+        return [_widen(a) for a in x]
+    if isinstance(x, tuple):
+        return tuple(_widen(a) for a in x)
+    return x
+
+
+_FLOAT_NAMES = {"float32", "float16", "bfloat16", "float"}
+_EPS_OF_DTYPE = {"aten.rms_norm"}  # ops whose eps=None default follows the input's dtype
+
+
 @torch.no_grad()
-def evaluate_node(node: Node, args: list[Any]) -> Any:
-    """Compute one node from its input values; a list when it has several outputs."""
+def evaluate_node(node: Node, args: list[Any], widen: bool = False) -> Any:
+    """Compute one node from its input values; a list when it has several outputs.
+    ``widen``: floating dtypes in the node's attributes become float64 (``run_graph``)."""
     from arcompile.ir.ops import reference_impl
 
     attrs = {k: resolve(v, tuple(args)) for k, v in node.attrs.items()}
+    if widen:
+        attrs = {k: (_widen(v) if _names_dtype(k, v) else v) for k, v in attrs.items()}
     if node.op.startswith("sym."):  # operands a0, a1, ...: Values or literals
         return _SYM_FUNCS[node.op](*(attrs[f"a{i}"] for i in range(len(attrs))))
     if node.op.startswith("arc."):
-        return reference_impl(node.op)(*args, **node.attrs)
+        keyword = node.attrs if not widen else {
+            k: (_widen(v) if _names_dtype(k, v) else v) for k, v in node.attrs.items()}
+        return reference_impl(node.op)(*args, **keyword)
     from arcompile.frontend.from_export import resolve_op
 
     if node.op in _RESHAPES:
         return attrs["self"].reshape(attrs["size"])
+    if widen and node.op in _EPS_OF_DTYPE and attrs.get("eps") is None:
+        # eps=None means finfo(input dtype).eps: keep the traced dtype's, not float64's
+        attrs["eps"] = torch.finfo(node.outputs[0].dtype).eps
     op = resolve_op(node.op)
     positional, keyword = [], {}
     for arg in op._schema.arguments:
@@ -88,6 +161,22 @@ def evaluate_node(node: Node, args: list[Any]) -> Any:
             positional.append(attrs[arg.name])
     out = op(*positional, **keyword)
     return list(out) if isinstance(out, (tuple, list)) else out
+
+
+def evaluate_exact(node: Node, args: list[Any]) -> Any:
+    """``evaluate_node`` in float64, as ``run_graph(compute_dtype=float64)`` runs the node
+    (floating args widened; constant folding keeps this beside the value it stores)."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return evaluate_node(node, [_widen(a) for a in args], widen=True)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _names_dtype(name: str, value: Any) -> bool:
+    """An attribute that picks a dtype: a torch.dtype anywhere, or a string in a *dtype key."""
+    return isinstance(value, torch.dtype) or (name.endswith("dtype") and isinstance(value, str))
 
 
 def _gap_before(op, name: str, attrs: dict) -> bool:
@@ -114,10 +203,10 @@ def _last_uses(graph: Graph, order: list[Node]) -> dict[int, list[Value]]:
     return last
 
 
-def _check(v: Value, r: Any, bound: dict[str, int], node: Node) -> None:
+def _check(v: Value, r: Any, bound: dict[str, int], node: Node, widen: bool = False) -> None:
     if v.dtype in SYM_DTYPES or v.shape is None or not isinstance(r, torch.Tensor):
         return
-    if r.dtype != v.dtype:
+    if r.dtype != (_widen(v.dtype) if widen else v.dtype):
         raise VerifyError(f"%{v.name} from {node.where()}: expected {v.dtype}, ran as {r.dtype}")
     if len(r.shape) != len(v.shape):
         raise VerifyError(f"%{v.name} from {node.where()}: expected rank {len(v.shape)}, "

@@ -2,8 +2,9 @@
 
 A pass takes a graph, rewrites it in place and returns a PassResult: whether it changed the
 graph and how many times each of its rewrite rules fired. A pass states the numeric tolerance
-it promises (``0.0`` for passes that must not change results at all); the pass manager's
-numeric check holds it to that.
+it promises, as a fraction of the logits' magnitude in float64 (``numeric_check.py``:
+``EXACT`` for rewrites exact in real arithmetic, ``0.0`` for passes that must not change
+results at all); the pass manager's numeric check holds it to that.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class Pass:
     """Base class: set ``name``, ``tolerance`` and a docstring; implement ``run``."""
 
     name: str = "pass"
-    tolerance: float = 0.0  # max |Δ| on logits this pass may cause against the graph it got
+    # max |Δlogit| / max(1, max|logit|) this pass may cause against the graph it got, both
+    # run in float64 (numeric_check.py)
+    tolerance: float = 0.0
 
     def run(self, graph: Graph) -> PassResult:
         raise NotImplementedError

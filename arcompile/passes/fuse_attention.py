@@ -17,7 +17,7 @@ evaluates it for several sizes: a sliding window or a bidirectional mask stays u
 built from token values, no mask at all, dropout, an intermediate (scores, probs) that
 another node also uses, shapes that are not (B, H, T, D) with static heads.
 Tolerance: the fused op computes the same maths in another order (and drops the
-fully-masked-row guard, which a causal mask never triggers): 1e-4 on logits.
+fully-masked-row guard, which a causal mask never triggers): ``EXACT`` in float64.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from arcompile.passes.attention_patterns import (
     softmax_input, unrepeat_kv)
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.match import Match, scalar
+from arcompile.passes.numeric_check import EXACT
 
 
 class FuseAttention(Pass):
     """See the module docstring."""
 
     name = "fuse_attention"
-    tolerance = 1e-4
+    tolerance = EXACT
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()

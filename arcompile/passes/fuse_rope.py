@@ -39,13 +39,14 @@ pattern, mixed dtypes, a head dim that is not a known even number.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.match import Match, producer, scalar
+from arcompile.passes.numeric_check import EXACT
 
 SLICE_TO_END = 2**62  # torch.export writes "to the end" as sys.maxsize
 MULS = {"aten.mul.Tensor", "aten.mul.Scalar"}
@@ -59,7 +60,9 @@ class FuseRope(Pass):
     """Rotary embeddings -> ``arc.rope``; see the module docstring for the forms matched."""
 
     name = "fuse_rope"
-    tolerance = 0.0  # the reference op computes in the model's own order: same numbers
+    # the reference op computes in the model's own order: the same numbers, float64
+    # rounding at most
+    tolerance = EXACT
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
@@ -449,6 +452,13 @@ def _unrepeat_pairs(v: Value) -> Value | None:
     return None
 
 
+class _Table(NamedTuple):
+    """A cos or sin cache cut from the model's table, and its float64 value if it has one."""
+
+    data: torch.Tensor
+    exact: torch.Tensor | None
+
+
 # sin, cos = split(table[pos], rot/2, -1); cos = repeat_interleave(cos, 2, -1)
 def _table_source(split: Node, c: _Chain, s: _Chain, interleaved: bool, rot: int) -> Match:
     m = Match()
@@ -472,12 +482,20 @@ def _table_source(split: Node, c: _Chain, s: _Chain, interleaved: bool, rot: int
         return m.fail("the table halves are not cos and sin of the same angles "
                       "(cos^2 + sin^2 != 1)")
     pos = indices[0]
+    # a folded table keeps its float64 value (constant_folding.py); the caches keep theirs
+    wide = table.exact if table.exact is not None else None
+
+    def cache(half: Value, width: int) -> _Table:
+        at = offset[half]
+        return _Table(table.data[:, at:at + width],
+                      wide[:, at:at + width] if wide is not None else None)
     if interleaved and c.repeat_pairs and half_w == rot // 2:
         # views of the model's table: the lowering writes its storage once for every layer
-        return m.ok(position=("table", [pos, cos_t, sin_t]), note=None)
+        return m.ok(position=("table", [pos, cache(c.base, half_w), cache(s.base, half_w)]),
+                    note=None)
     if not interleaved and half_w == rot:
         # rotate-half tables hold [cos(f) | cos(f)]; the cache is the first half
-        return m.ok(position=("table", [pos, cos_t[:, :rot // 2], sin_t[:, :rot // 2]]),
+        return m.ok(position=("table", [pos, cache(c.base, rot // 2), cache(s.base, rot // 2)]),
                     note=None) if torch.equal(cos_t[:, :rot // 2], cos_t[:, rot // 2:]) \
             else m.ok(position=None, note="table halves are not duplicated")
     return m.ok(position=None, note="table layout not recognised")
@@ -495,12 +513,14 @@ def rewrite(graph: Graph, add: Node, m: Match, pass_name: str) -> str:
         kind, extra = m["position"]
         attrs["position_source"] = kind
         for i, t in enumerate(extra):
-            if isinstance(t, torch.Tensor):  # table caches: new constants [max_pos, rot/2]
-                t = graph.add_constant(t, name=f"rope_{('cos', 'sin')[i - 1]}_table",
-                                       module=add.module, origin=f"{pass_name}/{rule}")
+            if isinstance(t, _Table):  # table caches: new constants [max_pos, rot/2]
+                t = graph.add_constant(t.data, name=f"rope_{('cos', 'sin')[i - 1]}_table",
+                                       module=add.module, origin=f"{pass_name}/{rule}",
+                                       exact=t.exact)
             elif t.is_constant and t.data.dim() != 1:  # inv_freq as [rot/2]
                 t = graph.add_constant(t.data.reshape(-1), name="rope_inv_freq",
-                                       module=add.module, origin=f"{pass_name}/{rule}")
+                                       module=add.module, origin=f"{pass_name}/{rule}",
+                                       exact=t.exact.reshape(-1) if t.exact is not None else None)
             inputs.append(t)
     out = m["output"]
     node = graph.add_node("arc.rope", inputs, attrs, [(out.dtype, out.shape)],

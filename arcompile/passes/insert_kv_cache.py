@@ -29,7 +29,9 @@ Produces (on a copy, adopted only once proven):
 
 Proof: the rewritten graph is run by the reference interpreter against the original on random
 tokens (B = 1 and 2, several prefix splits): full sequence at once versus prefix with an empty
-cache then the rest with the presents fed back. Logits must agree within ``tolerance``.
+cache then the rest with the presents fed back, both in float64. Logits must agree within
+``tolerance`` of their magnitude (``numeric_check.py``: a correct cache differs by float64
+rounding, a position off by one by whole units, on any CPU).
 
 Refuses (graph left exactly as it was, reason noted): no fused attention, a non-causal
 ``arc.attention``, an unfused attention left (any sdpa or softmax: it would only see the new
@@ -48,8 +50,9 @@ import numpy as np
 import torch
 
 from arcompile.ir.graph import SYM_DTYPES, SYM_INT, Graph, In, Node, Value
-from arcompile.ir.interpreter import run_graph
+from arcompile.ir.interpreter import run_graph, widened_constants
 from arcompile.passes.base import Pass, PassResult
+from arcompile.passes.numeric_check import CHECK_DTYPE, EXACT, gap, relative_gap, within
 
 UNFUSED_ATTENTION = {"aten.scaled_dot_product_attention", "aten._softmax", "aten.softmax.int",
                      "aten._safe_softmax", "aten.softmax"}
@@ -65,7 +68,7 @@ class InsertKVCache(Pass):
     """See the module docstring."""
 
     name = "insert_kv_cache"
-    tolerance = 1e-4
+    tolerance = EXACT
 
     def __init__(self, proof_length: int = 8, splits: tuple[int, ...] = (3, 7),
                  batches: tuple[int, ...] = (1, 2), seed: int = 0,
@@ -89,7 +92,8 @@ class InsertKVCache(Pass):
         try:
             work = _copy_graph(graph)
             layers, positions = rewrite(work, self.name)
-            diff = self._prove(graph, work)
+            with widened_constants():
+                diff = self._prove(graph, work)
         except KVCacheRefused as e:
             result.note(f"{self.name}: refused, graph left uncached: {e}")
             return result
@@ -117,7 +121,7 @@ class InsertKVCache(Pass):
         for batch in self.batches:
             tokens = torch.randint(0, vocab, (batch, self.proof_length), generator=gen)
             try:
-                (full,) = run_graph(original, [tokens])[:1]
+                (full,) = run_graph(original, [tokens], compute_dtype=CHECK_DTYPE)[:1]
             except Exception as e:
                 raise KVCacheRefused(f"the original graph did not run on {self.proof_length} "
                                      f"random tokens: {type(e).__name__}: {e}") from e
@@ -125,24 +129,29 @@ class InsertKVCache(Pass):
                 if not 0 < split < self.proof_length:
                     continue
                 try:
-                    steps = cached_decode(cached, [tokens[:, :split], tokens[:, split:]])
+                    steps = cached_decode(cached, [tokens[:, :split], tokens[:, split:]],
+                                          compute_dtype=CHECK_DTYPE)
                 except Exception as e:  # e.g. a position table shorter than the proof
                     raise KVCacheRefused(f"the cached graph did not run on the proof's "
                                          f"inputs: {type(e).__name__}: {e}") from e
                 got = torch.cat(steps, dim=1)
-                diff = (got.float() - full.float()).abs().max().item()
+                diff, relative = gap(got, full), relative_gap(got, full)
                 if cached.meta["kv_cache"]["logits_to_keep"] is not None:  # the last row only
-                    (last,) = cached_decode(cached, [tokens[:, :split]], keep=1)
+                    (last,) = cached_decode(cached, [tokens[:, :split]], keep=1,
+                                            compute_dtype=CHECK_DTYPE)
                     if last.shape[1] != 1:
                         raise KVCacheRefused(f"logits_to_keep=1 gave {last.shape[1]} rows")
-                    diff = max(diff, (last.float() - full[:, split - 1:split].float()
-                                      ).abs().max().item())
+                    want = full[:, split - 1:split]
+                    diff = max(diff, gap(last, want))
+                    relative = max(relative, relative_gap(last, want))
                 worst = max(worst, diff)
-                if not diff <= self.tolerance:  # NaN fails too
+                if not within(relative, self.tolerance):  # NaN fails too
                     raise KVCacheRefused(
                         f"cached decoding differs from full recomputation by {diff:.3g} "
-                        f"(B={batch}, prefix {split} of {self.proof_length}): a position "
-                        f"source or cross-position op the pass cannot trace")
+                        f"({relative:.3g} of the logits' magnitude, in float64; tolerance "
+                        f"{self.tolerance:g}) (B={batch}, prefix {split} of "
+                        f"{self.proof_length}): a position source or cross-position op the "
+                        f"pass cannot trace")
         return worst
 
 
@@ -163,20 +172,29 @@ def step_inputs(graph: Graph, tokens, past_length, pasts: list, keep=0, skip=Non
     return [tokens, past_length, *pasts, *extra]
 
 
-def cached_decode(graph: Graph, chunks: list[torch.Tensor], keep: int = 0) -> list[torch.Tensor]:
+def cached_decode(graph: Graph, chunks: list[torch.Tensor], keep: int = 0,
+                  compute_dtype: torch.dtype | None = None,
+                  every_output: bool = False) -> list[torch.Tensor]:
     """Run a cached graph over token chunks, feeding presents back; the logits of each chunk
-    (its last ``keep`` rows; 0: all)."""
+    (its last ``keep`` rows; 0: all), or with ``every_output`` every output of every step.
+    The proofs (this pass's, ``pack_attention``'s) run it with ``compute_dtype=float64``."""
     pasts = past_inputs(graph)
-    batch = chunks[0].shape[0]
-    state = [torch.zeros((batch, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype) for v in pasts]
+    state = empty_cache(graph, chunks[0].shape[0])
     done, outs = 0, []
     for chunk in chunks:
         results = run_graph(graph, step_inputs(graph, chunk, torch.tensor(done, dtype=torch.int64),
-                                               state, torch.tensor(keep, dtype=torch.int64)))
-        outs.append(results[0])
+                                               state, torch.tensor(keep, dtype=torch.int64)),
+                            compute_dtype=compute_dtype)
+        outs += results if every_output else results[:1]
         state = results[len(results) - len(pasts):]
         done += chunk.shape[1]
     return outs
+
+
+def empty_cache(graph: Graph, batch: int) -> list[torch.Tensor]:
+    """The past keys and values of a cached graph before its first step: P = 0 rows."""
+    return [torch.zeros((batch, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
+            for v in past_inputs(graph)]
 
 
 # -- the rewrite ------------------------------------------------------------------------
@@ -449,7 +467,7 @@ def _vocabulary(graph: Graph) -> int:
 
 def _copy_graph(graph: Graph) -> Graph:
     """A deep copy that shares the weight tensors (never copies parameters)."""
-    memo = {id(v.data): v.data for v in graph.constants() if v.data is not None}
+    memo = {id(t): t for v in graph.constants() for t in (v.data, v.exact) if t is not None}
     return copy.deepcopy(graph, memo)
 
 

@@ -15,9 +15,9 @@ import torch
 
 from arcompile.errors import ArcompileError, PassError
 from arcompile.ir.graph import Graph
-from arcompile.ir.interpreter import run_graph
 from arcompile.ir.verify import verify
 from arcompile.passes.base import Pass, PassResult
+from arcompile.passes.numeric_check import gap, relative_gap, run_exact, within
 
 
 @dataclass
@@ -53,26 +53,29 @@ class VerifyHook(Hook):
 
 
 class NumericCheckHook(Hook):
-    """Runs the graph on sample tokens after every pass and holds the pass to its tolerance.
+    """Runs the graph on sample tokens after every pass, in float64, and holds each pass to its
+    tolerance against the graph it got (``numeric_check.py`` says why float64 and relative).
 
-    The reference is the graph as it came from the frontend, run by the reference interpreter
-    (no optimization of ours switched on), computed once when the hook is made.
+    The first reference is the graph as it came from the frontend, run by the reference
+    interpreter (no optimization of ours switched on), computed when the hook is made; after a
+    pass passes, its outputs are the next pass's reference.
     """
 
     def __init__(self, graph: Graph, sample_inputs: Sequence[torch.Tensor]):
         self.inputs = list(sample_inputs)
-        self.reference = run_graph(graph, self.inputs)
-        self.budget = 0.0
+        self.reference = run_exact(graph, self.inputs)
+        self.traced = self.reference
 
     def after(self, p: Pass, graph: Graph, record: PassRecord) -> None:
-        self.budget += p.tolerance
-        outs = run_graph(graph, self.inputs)
-        diff = max((a.float() - b.float()).abs().max().item()
-                   for a, b in zip(outs, self.reference))
+        outs = run_exact(graph, self.inputs)
+        diff = max(gap(a, b) for a, b in zip(outs, self.reference))
+        relative = max(relative_gap(a, b) for a, b in zip(outs, self.reference))
         record.max_abs_diff = diff
-        if diff > self.budget + 1e-6:
-            raise PassError(f"pass '{p.name}' changed the logits by {diff:.3g}, beyond its "
-                            f"tolerance of {p.tolerance:g}")
+        if not within(relative, p.tolerance):
+            raise PassError(f"pass '{p.name}' changed the logits by {diff:.3g} "
+                            f"({relative:.3g} of their magnitude, in float64), beyond its "
+                            f"tolerance of {p.tolerance:g} of their magnitude")
+        self.reference = outs
 
 
 class PassManager:

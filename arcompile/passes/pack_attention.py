@@ -44,8 +44,9 @@ no recorded ``max_context`` to size the cache, and a rotary table with fewer row
 Proof, as ``insert_kv_cache`` does (this pass runs on the cached step, which the pipeline's
 numeric check cannot run): the rewritten copy and the graph as it came are run by the reference
 interpreter on random tokens (B = 2) decoded in chunks (5, 1, 2 tokens, presents fed back:
-a prefill, a single-token step and a multi-token step over a cache), and every output of every
-step must agree within ``tolerance``; else nothing is adopted and the difference is noted.
+a prefill, a single-token step and a multi-token step over a cache), in float64, and every
+output of every step must agree within ``tolerance`` of its magnitude (``numeric_check.py``);
+else nothing is adopted and the difference is noted.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ from __future__ import annotations
 import torch
 
 from arcompile.ir.graph import Graph, Node, Value
-from arcompile.ir.interpreter import run_graph
+from arcompile.ir.interpreter import widened_constants
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.insert_kv_cache import (_adopt, _copy_graph, _vocabulary, past_inputs,
-                                              step_inputs)
+from arcompile.passes.insert_kv_cache import _adopt, _copy_graph, _vocabulary, cached_decode
 from arcompile.passes.match import Match, scalar
+from arcompile.passes.numeric_check import CHECK_DTYPE, EXACT, gap, relative_gap, within
 
 VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view"}
 COPIES = {"aten.clone", "aten.contiguous", "aten.alias", "aten.detach"}  # same values, layout
@@ -71,7 +72,7 @@ class PackAttention(Pass):
     """See the module docstring."""
 
     name = "pack_attention"
-    tolerance = 1e-4
+    tolerance = EXACT
 
     # one batch of two rows: each proof run costs a whole-model interpreter step (SmolLM2:
     # seconds), and a batch of two checks everything a batch of one does
@@ -98,14 +99,16 @@ class PackAttention(Pass):
         if not any(counts.values()):
             return result
         try:
-            diff = self._prove(graph, work)
+            with widened_constants():
+                diff, relative = self._prove(graph, work)
         except Exception as e:  # e.g. no embedding to draw tokens for; the graph stays
             result.note(f"{self.name}: refused, graph left as it was: the proof did not run: "
                         f"{type(e).__name__}: {e}")
             return result
-        if not diff <= self.tolerance:  # NaN fails too
+        if not within(relative, self.tolerance):  # NaN fails too
             result.note(f"{self.name}: refused, graph left as it was: the packed step differs "
-                        f"from the unpacked one by {diff:.3g} (tolerance {self.tolerance:g})")
+                        f"from the unpacked one by {diff:.3g} ({relative:.3g} of the outputs' "
+                        f"magnitude, in float64; tolerance {self.tolerance:g})")
             return result
         _adopt(graph, work)
         for rule, n in counts.items():
@@ -115,31 +118,20 @@ class PackAttention(Pass):
         return result
 
     # -- proof ------------------------------------------------------------------------
-    def _prove(self, original: Graph, packed: Graph) -> float:
+    def _prove(self, original: Graph, packed: Graph) -> tuple[float, float]:
+        """(max |Δ|, max |Δ| / magnitude) over every output of every step, in float64."""
         vocab = _vocabulary(original)
         gen = torch.Generator().manual_seed(self.seed)
-        worst = 0.0
+        worst, worst_relative = 0.0, 0.0
         for batch in self.batches:
             tokens = torch.randint(0, vocab, (batch, sum(self.chunks)), generator=gen)
-            for want, got in zip(_decode(original, tokens, self.chunks),
-                                 _decode(packed, tokens, self.chunks)):
-                worst = max(worst, (got.float() - want.float()).abs().max().item())
-        return worst
-
-
-def _decode(graph: Graph, tokens: torch.Tensor, chunks: tuple[int, ...]) -> list[torch.Tensor]:
-    """Every output of every step, decoding ``tokens`` in ``chunks`` with presents fed back."""
-    pasts = past_inputs(graph)
-    state = [torch.zeros((tokens.shape[0], v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
-             for v in pasts]
-    done, outs = 0, []
-    for n in chunks:
-        results = run_graph(graph, step_inputs(graph, tokens[:, done:done + n],
-                                               torch.tensor(done), state, torch.tensor(0)))
-        outs += results
-        state = results[len(results) - len(pasts):]
-        done += n
-    return outs
+            chunks = list(torch.split(tokens, list(self.chunks), dim=1))
+            for want, got in zip(
+                    cached_decode(original, chunks, compute_dtype=CHECK_DTYPE, every_output=True),
+                    cached_decode(packed, chunks, compute_dtype=CHECK_DTYPE, every_output=True)):
+                worst = max(worst, gap(got, want))
+                worst_relative = max(worst_relative, relative_gap(got, want))
+        return worst, worst_relative
 
 
 # -- the rewrite ------------------------------------------------------------------------
@@ -440,21 +432,30 @@ def _rotary_caches(graph: Graph, attn: Node, m: Match, caches: dict, pass_name: 
                                 f"{limit}")
         key = ("table", cos_table, sin_table, scale)
     if key not in caches:
+        exact = (None, None)
         if key[0] == "inv_freq":
-            # the model's own product and trig, per position: float(pos) * inv_freq
+            # the model's own product and trig, per position: float(pos) * inv_freq; and the
+            # same in float64 for the numeric check (numeric_check.py), which computes the
+            # unpacked rope's angles in float64 too
             angles = torch.arange(rows).to(torch.float32)[:, None] * inv_freq.data.reshape(1, -1)
             cos, sin = angles.cos(), angles.sin()
+            wide = (inv_freq.exact if inv_freq.exact is not None
+                    else inv_freq.data.to(torch.float64)).reshape(1, -1)
+            angles64 = torch.arange(rows, dtype=torch.float64)[:, None] * wide
+            exact = (angles64.cos(), angles64.sin())
         else:
             cos, sin = cos_table.data, sin_table.data
+            exact = (cos_table.exact, sin_table.exact)
         if scale != 1.0:
             cos, sin = cos * scale, sin * scale
+            exact = tuple(e * scale if e is not None else None for e in exact)
         if tuple(cos.shape[1:]) != (rot // 2,):
             return Match().fail(f"the rotary table is {tuple(cos.shape)}, not [rows, {rot // 2}]")
         origin = f"{pass_name}/rotary"
         caches[key] = (graph.add_constant(cos.contiguous(), name="rotary_cos_cache",
-                                          origin=origin),
+                                          origin=origin, exact=exact[0]),
                        graph.add_constant(sin.contiguous(), name="rotary_sin_cache",
-                                          origin=origin))
+                                          origin=origin, exact=exact[1]))
     return m.ok(caches=caches[key])
 
 

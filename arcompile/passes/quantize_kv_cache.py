@@ -46,7 +46,7 @@ from arcompile.ir.graph import Graph, Node, Value
 from arcompile.ir.interpreter import run_graph
 from arcompile.ir.opdefs.kv_cache import KV_QMAX
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.insert_kv_cache import past_inputs, step_inputs
+from arcompile.passes.insert_kv_cache import empty_cache, past_inputs, step_inputs
 from arcompile.passes.match import Match
 
 PACKED = "arc.attention_cached_packed"
@@ -100,14 +100,12 @@ class QuantizeKVCache(Pass):
         (key channels rotated together: their largest pair norm, with ``rotary_pairs``)."""
         where = {id(v): i for i, v in enumerate(graph.outputs)}
         slots = [(where[id(a.outputs[1])], where[id(a.outputs[2])]) for a in attentions]
-        pasts = past_inputs(graph)
         keep = 1 if graph.meta["kv_cache"].get("logits_to_keep") is not None else 0
         amax: list[list[torch.Tensor | None]] = [[None, None] for _ in attentions]
         for ids in self.calibration:
             tokens = torch.tensor([ids])
-            empty = [torch.zeros((1, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype) for v in pasts]
-            outs = run_graph(graph, step_inputs(graph, tokens, torch.tensor(0), empty,
-                                                torch.tensor(keep)))
+            outs = run_graph(graph, step_inputs(graph, tokens, torch.tensor(0),
+                                                empty_cache(graph, 1), torch.tensor(keep)))
             for n, (attn, (k_at, v_at)) in enumerate(zip(attentions, slots)):
                 key_BHkvTD, value_BHkvTD = outs[k_at].float(), outs[v_at].float()
                 key = _pair_norms(key_BHkvTD, attn.attrs) if self.rotary_pairs else key_BHkvTD

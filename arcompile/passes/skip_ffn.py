@@ -205,12 +205,11 @@ class SkipFFN(Pass):
 def ablation_scores(routed: Graph, sequences: list[list[int]]) -> list[float]:
     """Per routed block, how much the calibration text's mean next-token loss rises when
     that block alone is skipped (the sequences as one batch; one run per block, plus one)."""
-    from arcompile.passes.insert_kv_cache import past_inputs, step_inputs
+    from arcompile.passes.insert_kv_cache import empty_cache, step_inputs
     from arcompile.ir.interpreter import run_graph
 
     tokens = torch.tensor(sequences)
-    empty = [torch.zeros((tokens.shape[0], v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
-             for v in past_inputs(routed)]
+    empty = empty_cache(routed, tokens.shape[0])
     count = len(routed.meta["skip_ffn"]["blocks"])
 
     def loss(skipped: list[int]) -> float:
@@ -396,16 +395,19 @@ def rewrite(graph: Graph, blocks: list[Block], pass_name: str) -> None:
 
 
 def prove(original: Graph, routed: Graph, vocab: int | None, length: int = 6) -> float:
-    """max |Δlogit| between the graphs on random tokens with every flag off (must be 0)."""
+    """max |Δlogit| between the graphs on random tokens with every flag off, in float64 like
+    every proof (``numeric_check.py``); it must be 0: the flags only select."""
     from arcompile.calibration import graph_inputs
-    from arcompile.ir.interpreter import run_graph
+    from arcompile.ir.interpreter import widened_constants
+    from arcompile.passes.numeric_check import gap, relative_gap, run_exact, within
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab or _vocabulary(original), (length,), generator=gen).tolist()
-    want = run_graph(original, graph_inputs(original, ids))[0]
-    got = run_graph(routed, graph_inputs(routed, ids))[0]
-    diff = (got.float() - want.float()).abs().max().item()
-    if not diff <= SkipFFN.tolerance:
+    with widened_constants():
+        want = run_exact(original, graph_inputs(original, ids))[0]
+        got = run_exact(routed, graph_inputs(routed, ids))[0]
+    diff = gap(got, want)
+    if not within(relative_gap(got, want), SkipFFN.tolerance):
         raise SkipRefused(f"the routed graph with every flag off differs from the original "
                           f"by {diff:.3g}")
     return diff
