@@ -46,11 +46,9 @@ def graph_inputs(graph: Graph, ids: list[int]) -> list[torch.Tensor]:
     tokens = torch.tensor([ids])
     if not graph.meta.get("kv_cache"):
         return [tokens]
-    from arcompile.passes.insert_kv_cache import past_inputs, step_inputs
+    from arcompile.passes.insert_kv_cache import empty_cache, step_inputs
 
-    empty = [torch.zeros((1, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
-             for v in past_inputs(graph)]
-    return step_inputs(graph, tokens, torch.tensor(0), empty, torch.tensor(0))
+    return step_inputs(graph, tokens, torch.tensor(0), empty_cache(graph, 1), torch.tensor(0))
 
 
 def observe_inputs(graph: Graph, sequences: Iterable[list[int]], nodes: Iterable[Node],

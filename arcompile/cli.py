@@ -17,12 +17,17 @@ def _log(msg: str) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from arcompile.compile import optimize
+    import warnings
 
-    report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
-                      check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
-                      kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
-                      self_draft=args.self_draft, **transform_options(args))
+    from arcompile.compile import optimize
+    from arcompile.uncached import UncachedEngineWarning
+
+    with warnings.catch_warnings():  # the CLI prints the block itself, last
+        warnings.simplefilter("ignore", UncachedEngineWarning)
+        report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
+                          check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
+                          kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
+                          self_draft=args.self_draft, **transform_options(args))
     if args.explain:
         for record in report.passes:
             for note in record.notes:
@@ -30,7 +35,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if report.kv_cache is not None:
         print(f"kv cache: on ({report.kv_cache['layers']} layers)")
     elif report.kv_cache_refused:
-        print(f"kv cache: not inserted, engine is uncached: {report.kv_cache_refused}")
+        print(f"kv cache: NOT inserted, the engine is UNCACHED: {report.kv_cache_refused}")
+    else:
+        print("kv cache: off (--kv-cache off), the engine is uncached")
     if report.quantization is not None:
         q = report.quantization
         s = q.get("settings", {})
@@ -62,6 +69,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         print(f"self-draft: {describe(report.manifest['self_draft'])}")
     print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
           f"{report.seconds:.1f} s)")
+    if report.kv_cache_warning:
+        sys.stdout.flush()
+        print(report.kv_cache_warning, file=sys.stderr, flush=True)
     return 0
 
 
@@ -86,6 +96,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from arcompile.engine import load
 
     eng = load(args.engine, threads=args.threads)
+    if not eng.kv_cache:
+        from arcompile.uncached import describe
+
+        _log(f"arcompile: note: {describe(eng.manifest)}")
     if args.prompt is not None:
         ids = eng.encode(args.prompt, chat=args.chat)
         eos = eng.eos_token_id
@@ -261,9 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every candidate a pass did not rewrite, and why")
     o.add_argument("--no-check", action="store_true",
                    help="skip the numeric check after every pass and after lowering")
-    o.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
-                   help="insert a KV cache: prefill then one token per step (default on); if "
-                        "the pass refuses, the uncached engine is written and the reason printed")
+    o.add_argument("--kv-cache", choices=("auto", "require", "off"), nargs="?", const="auto",
+                   default="auto",
+                   help="the KV cache (prefill, then one token per step): auto (default) inserts "
+                        "it, and if the pass refuses writes the uncached engine and ends with a "
+                        "warning saying why; require fails instead (exit 2, nothing written); "
+                        "off never inserts it")
+    o.add_argument("--no-kv-cache", dest="kv_cache", action="store_const", const="off",
+                   help="the same as --kv-cache off")
     o.add_argument("--kv-cache-runtime", choices=("inplace", "concat"), default="inplace",
                    help="inplace (default: GroupQueryAttention writing into buffers bound as "
                         "both past and present) or concat (presents fed back as new arrays)")

@@ -31,6 +31,9 @@ def describe_engine(path: Path) -> str:
     lines = [f"engine {path}  (format {m['format_version']}, runtime {m.get('runtime')})"]
     src = m.get("source", {})
     lines.append(f"  source: {src.get('kind')} {src.get('path')}  sha256 {str(src.get('sha256'))[:16]}…")
+    from arcompile.uncached import describe
+
+    lines.append(f"  {describe(m)}")
     for kind in ("inputs", "outputs"):
         for io in m.get(kind, []):
             lines.append(f"  {kind[:-1]}: {io['name']} {io['dtype']}{io['shape']}")
