@@ -242,7 +242,8 @@ def test_cli_kv_cache_flag(tmp_path, capsys):
     assert [int(t) for t in out.strip().split(",")] == eager_greedy(module, [5, 17, 42, 8], 10)
     # --no-kv-cache: no cache, the prefix recomputed every step
     assert main(["optimize", str(path), "-o", str(tmp_path / "plain"), "--no-kv-cache"]) == 0
-    assert "kv cache" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kv cache: off" in out and "kv cache: on" not in out
     assert not arcompile.load(tmp_path / "plain").kv_cache
 
 
