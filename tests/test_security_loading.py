@@ -201,6 +201,23 @@ def test_tokenizer_dropped_into_an_engine_is_refused(tmp_path, engine):
     assert not marker.exists()
 
 
+def test_model_folder_tokenizer_with_code_is_left_out(monkeypatch, tmp_path):
+    """A Hugging Face folder whose tokenizer needs its own code: the model loads, the
+    tokenizer is not kept (transformers would quietly load another class and the engine
+    would carry the auto_map on)."""
+    import io
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "tiny-llama"
+    tiny_models.llama().model.save_pretrained(folder)
+    remote_code_tokenizer(folder, marker)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
+    logs = []
+    loaded = load_model(folder, log=logs.append)
+    assert loaded.tokenizer is None and any("own Python code" in line for line in logs)
+    assert not marker.exists()
+
+
 # --- 4. manifest paths ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("model_file", ["../other/model.onnx", "/etc/passwd",
