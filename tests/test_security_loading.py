@@ -253,7 +253,7 @@ def test_unlisted_model_file_is_refused(tmp_path, engine):
 def test_unlisted_weights_are_refused(tmp_path, engine):
     folder = copy_engine(engine, tmp_path / "eng")
     rewrite_manifest(folder, lambda m: m["files"].pop("model.onnx.data"), rehash=False)
-    with pytest.raises(EngineError, match="model.onnx.data is not one of the files"):
+    with pytest.raises(EngineError, match="'model.onnx.data' is not one of the files"):
         load_engine(folder)
 
 

@@ -227,11 +227,11 @@ def _refuse_unlisted(engine_dir: Path, files: dict) -> None:
             p = Path(folder) / name
             rel = p.relative_to(engine_dir).as_posix()
             if p.is_symlink():
-                raise EngineError(f"{engine_dir}: {rel} is a symbolic link; an engine's files "
-                                  "must be its own")
+                raise EngineError(f"{engine_dir}: {rel!r} is a symbolic link; an engine's "
+                                  "files must be its own")
             if name in names and rel != MANIFEST and rel not in files:
-                raise EngineError(f"{engine_dir}: {rel} is not one of the files its manifest "
-                                  "lists; remove it or re-run `arcompile optimize`")
+                raise EngineError(f"{engine_dir}: {rel!r} is not one of the files its "
+                                  "manifest lists; remove it or re-run `arcompile optimize`")
 
 
 def _check_external_data(engine_dir: Path, model: Path, files: dict) -> None:

@@ -27,7 +27,10 @@ MAX_DIM = 1 << 24  # any static dim (vocab, heads, head size) or context length 
 DTYPES = ["float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
           "uint8", "bool"]
 
-_NAME = {"type": "string", "minLength": 1, "maxLength": 256}
+# no control characters in names and paths: errors quote them on one line
+# ("not" a search, because Python's "$" also matches before a final newline)
+_PRINTABLE = {"not": {"pattern": "[\\x00-\\x1f\\x7f]"}}
+_NAME = {"type": "string", "minLength": 1, "maxLength": 256, **_PRINTABLE}
 _COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_DIM}
 _POSITIVE = {"type": "integer", "minimum": 1, "maximum": MAX_DIM}
 _TOKEN = {"type": "integer", "minimum": 0, "maximum": MAX_DIM}
@@ -108,7 +111,7 @@ SCHEMA = {
         "format": {"const": "arcompile-engine"},
         "format_version": {"type": "integer", "minimum": 1},
         "runtime": {"type": "string"},
-        "model_file": {"type": "string", "minLength": 1, "maxLength": 1024},
+        "model_file": {"type": "string", "minLength": 1, "maxLength": 1024, **_PRINTABLE},
         "inputs": {"type": "array", "items": _IO, "minItems": 1, "maxItems": 100_000},
         "outputs": {"type": "array", "items": _IO, "minItems": 1, "maxItems": 100_000},
         "padding_side": {"enum": ["right", "left"]},
@@ -131,7 +134,7 @@ SCHEMA = {
                            "name": {"type": ["string", "null"]},
                            "model_type": {"type": ["string", "null"]}},
         },
-        "files": {"type": "object", "propertyNames": {"maxLength": 1024},
+        "files": {"type": "object", "propertyNames": {"maxLength": 1024, **_PRINTABLE},
                   "additionalProperties": _FILE},
         "quantization": {"anyOf": [{"type": "null"}, {"type": "object"}]},
         "tools": {"type": "object"},
@@ -171,6 +174,14 @@ def check_manifest(manifest: Any, where: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != "arcompile-engine":
         raise EngineError(f"{where} is not an arcompile engine manifest")
     error = best_match(Draft202012Validator(SCHEMA).iter_errors(manifest))
+    # "not valid under any of the given schemas" says little: where a value had the right
+    # type for one alternative (an object where null-or-object is allowed), say what in it
+    # is wrong instead
+    while error is not None and error.context:
+        inner = [e for e in error.context if e.validator != "type"]
+        if not inner:
+            break
+        error = best_match(inner)
     if error is not None:
         field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise EngineError(f"{where}: field {field}: {_one_line(error.message)}; the engine is "
