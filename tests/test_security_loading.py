@@ -405,6 +405,10 @@ def test_stale_partials_are_removed_by_the_next_run(tmp_path):
     assert (out / "model.onnx").read_text() == "new"
 
 
+class Killed(BaseException):
+    """The process dying (a BaseException, as KeyboardInterrupt is, but not pytest's)."""
+
+
 def test_replacing_an_engine_never_leaves_out_absent(tmp_path, monkeypatch):
     """A kill between "move OUT aside" and "move the new one in" used to leave no OUT: the
     swap is now one atomic exchange, so a rename that fails (as if killed) never runs."""
@@ -417,7 +421,7 @@ def test_replacing_an_engine_never_leaves_out_absent(tmp_path, monkeypatch):
     def killed_at_second_rename(a, b):
         calls.append((a, b))
         if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
+            raise Killed()
         real_replace(a, b)
     monkeypatch.setattr(engine_dir.os, "replace", killed_at_second_rename)
     write_engine_like(out, "new")
