@@ -111,7 +111,8 @@ def rewrite_archive(src: bytes, dst: Path, edit_entry=None, extra: dict | None =
 ENTRY_NAMES = ["models/model.json", "models/model_json", "models/Model.json", "MODELS/model.json",
                "models/x.JSON", "data/weights/model_weights_config.json",
                "data/constants/model_constants_config.json", "data/aotinductor/model/x.so",
-               "data/sample_inputs/model.pt", "extra/notes", "archive_version", "models/\u00e9.json"]
+               "data/sample_inputs/model.pt", "extra/notes", "archive_version",
+               "models/\u00e9.json"]
 
 
 @fuzz(4)
@@ -119,7 +120,8 @@ ENTRY_NAMES = ["models/model.json", "models/model_json", "models/Model.json", "M
 def test_fuzz_pt2_program_json(data, pt2_bytes, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pt2")
     marker = tmp / "pwned"
-    which = data.draw(st.sampled_from(["models/model.json", "data/weights/model_weights_config.json",
+    which = data.draw(st.sampled_from(["models/model.json",
+                                       "data/weights/model_weights_config.json",
                                        "data/constants/model_constants_config.json"]))
     edits = data.draw(st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(planted(marker))),
                                min_size=1, max_size=3))

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 import tiny_models  # noqa: E402
 from arcompile.cli import main  # noqa: E402
-from arcompile.errors import ArcompileError, EngineError, UnsafeModelError  # noqa: E402
+from arcompile.errors import EngineError, UnsafeModelError  # noqa: E402
 from arcompile.frontend.export import export_module  # noqa: E402
 from arcompile.frontend.load import load_model  # noqa: E402
 
@@ -188,7 +188,7 @@ def test_engine_tokenizer_with_code_is_refused(monkeypatch, tmp_path, engine):
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))
     eng = load_engine(folder)
     with pytest.raises(EngineError, match="never runs a tokenizer's own Python code"):
-        eng.tokenizer
+        _ = eng.tokenizer
     assert not marker.exists()
 
 
