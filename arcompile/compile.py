@@ -151,6 +151,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     say = log or (lambda _msg: None)
     start = time.perf_counter()
     pipeline = build_pipeline(passes)  # fail on a bad --passes before the slow load
+    given_tok = _tokenizer(None, tokenizer)  # and on a tokenizer folder arcompile refuses
 
     from arcompile.frontend.from_export import from_exported_program
     from arcompile.frontend.load import LoadedModel, load_model
@@ -192,7 +193,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             raise ArcompileError(f"--kv-cache-dtype int8: the KV cache was not inserted, so "
                                  f"there is none to quantize ({refused}); nothing was written")
 
-    tok = _tokenizer(loaded.tokenizer, tokenizer)
+    tok = given_tok if tokenizer is not None else loaded.tokenizer
     extra, validate, quantized = {}, None, None
     # the most tokens the model takes: calibration and held-out measurements stay within it
     context = (int(cache_layout["max_context"]) if cache_layout is not None
@@ -472,10 +473,9 @@ def _tokenizer(from_source: Any, folder: str | Path | None) -> Any:
         raise ArcompileError("--tokenizer needs the hf extra: pip install 'arcompile[hf]'") from None
     if not Path(folder).is_dir():
         raise ArcompileError(f"tokenizer folder {folder} does not exist")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ArcompileError(f"cannot read a tokenizer from {folder}: {str(e).splitlines()[0]}") from None
+    from arcompile.engine import load_tokenizer
+
+    return load_tokenizer(AutoTokenizer, Path(folder), ArcompileError)
 
 
 def _tool_versions() -> dict:

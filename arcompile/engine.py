@@ -31,6 +31,7 @@ Runtime sees the model, and refuses a directory that does not match.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -56,7 +57,13 @@ class Engine:
                               f"(supported: {', '.join(RUNTIMES)})")
         from arcompile.runtimes.onnxruntime.session import make_session
 
-        self._session = make_session(self.path / self.manifest["model_file"], threads=threads)
+        model = self.path / self.manifest["model_file"]
+        try:
+            self._session = make_session(model, threads=threads)
+        except Exception as e:  # ONNX Runtime's refusals (a path escape is "Fail") are generic
+            raise EngineError(f"ONNX Runtime cannot open {model}: {_first_line(e)}; the engine "
+                              "is damaged or was written by another arcompile") from None
+        _check_signature(self.manifest, self._session, model)
         self._input = self.manifest["inputs"][0]["name"]
         self._output = self.manifest["outputs"][0]["name"]
         self._tokenizer: Any = None
@@ -378,7 +385,7 @@ class Engine:
                 from transformers import AutoTokenizer
             except ImportError:
                 raise EngineError("reading text needs the hf extra: pip install 'arcompile[hf]'") from None
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self._tokenizer = load_tokenizer(AutoTokenizer, folder, EngineError)
         return self._tokenizer
 
     def encode(self, text: str, chat: bool = False) -> list[int]:
@@ -400,6 +407,57 @@ class Engine:
         if eos is None and (self.path / "tokenizer").is_dir():
             eos = self.tokenizer.eos_token_id
         return eos
+
+
+def load_tokenizer(auto_tokenizer, folder: Path, error: type[Exception]) -> Any:
+    """The tokenizer in ``folder``, never running code from it: ``trust_remote_code=False``
+    refuses a tokenizer whose ``auto_map`` names a Python class (transformers would otherwise
+    ask "run the custom code? [y/N]" on stdin, and "y" runs it). ``error``: what to raise."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            entries = json.loads((folder / name).read_text())
+        except (OSError, ValueError, RecursionError):
+            continue  # absent or unreadable: transformers says what is wrong below
+        # with trust_remote_code=False transformers quietly takes another class instead,
+        # and saving that tokenizer would copy the auto_map on: refuse it outright
+        if isinstance(entries, dict) and entries.get("auto_map"):
+            raise error(f"the tokenizer in {folder} needs its own Python code ({name} has an "
+                        "auto_map); arcompile never runs a tokenizer's own Python code: save "
+                        "one that the tokenizers library reads alone (tokenizer.json)")
+    try:
+        return auto_tokenizer.from_pretrained(str(folder), local_files_only=True,
+                                              trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, OSError and others
+        raise error(f"cannot read a tokenizer from {folder}: {_first_line(e)} (arcompile never "
+                    "runs a tokenizer's own Python code; save one that the tokenizers library "
+                    "reads alone, tokenizer.json)") from None
+
+
+def _check_signature(manifest: dict, session, model: Path) -> None:
+    """EngineError unless the manifest's inputs and outputs are the model's: same names, same
+    dtypes, and the same size wherever both give a number (a manifest that claims a head size
+    of 10**12 must not size buffers from it)."""
+    from arcompile.runtimes.onnxruntime.dtypes import ONNX_DTYPE_NAMES
+
+    for kind, real in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        actual = {a.name: a for a in real}
+        for entry in manifest[kind]:
+            a = actual.get(entry["name"])
+            claimed = [d if isinstance(d, int) else None for d in entry["shape"]]
+            dims = [d if isinstance(d, int) else None for d in (a.shape if a else [])]
+            if a is None or len(claimed) != len(dims) or any(
+                    c is not None and d is not None and c != d for c, d in zip(claimed, dims)) \
+                    or ONNX_DTYPE_NAMES.get(a.type, entry["dtype"]) != entry["dtype"]:
+                raise EngineError(f"the manifest's {kind[:-1]} {entry['name']!r} "
+                                  f"({entry['dtype']}{entry['shape']}) is not the model's "
+                                  f"({a.type + str(a.shape) if a else 'absent'} in "
+                                  f"{model.name}); the engine is damaged")
+
+
+def _first_line(e: BaseException) -> str:
+    from arcompile.frontend.load_errors import first_line
+
+    return first_line(e)
 
 
 def load(path: str | Path, threads: int | None = None) -> Engine:

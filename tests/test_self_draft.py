@@ -159,7 +159,9 @@ def test_a_tampered_draft_is_refused(engines, tmp_path):
     shutil.rmtree(copy)
     shutil.copytree(engines["routed"].path, copy)
     manifest = json.loads((copy / "arcompile.json").read_text())
-    manifest["self_draft"] = {"folder": "../elsewhere", "mode": "int4"}
+    manifest["self_draft"] = {"folder": "../elsewhere", "mode": "int4", "method": "rtn",
+                              "perplexity_model": 1.0, "perplexity": 1.0,
+                              "greedy_agreement": 1.0}
     (copy / "arcompile.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="do not list draft/"):
         arcompile.load(copy).generate(PROMPTS[0], speculative="self")

@@ -15,6 +15,16 @@ torch/export/_unlift.py), an archive can make it run code in these ways, each cl
 - names that torch pastes into generated Python (``forward_arg_names``, pytree contexts, value
   names, module paths): must be plain identifiers or dotted paths.
 - ``guards_code``: exec'd by ``ExportedProgram.module()``; dropped after loading, not here.
+
+Which entries torch reads: ``_load_exported_programs`` takes *every* record whose name starts
+with ``models/`` as a program (``models/model_json`` is program "model"), and records are
+looked up by name case-insensitively (miniz's ``mz_zip_reader_locate_file`` with flags 0, so
+``get_record("models/model.json")`` may return ``MODELS/Model.JSON``). ``check_entry_names``
+therefore refuses what would make the entries torch reads differ from those vetted here:
+names that are not printable ASCII, names equal but for case, any record under ``models/``
+(in any case) not spelled ``models/NAME.json``, and an index that Python's zipfile and
+torch's reader list differently. safe_export.py then vets every ``models/`` record and every
+``*config.json`` record, read through torch's own reader.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import json
 import re
 from typing import Any, Iterator
 
-from arcompile.errors import UnsafeModelError
+from arcompile.errors import ModelLoadError, UnsafeModelError
 from arcompile.frontend.sym_expr import UnsafeExpression, check_sym_expr
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -49,14 +59,46 @@ DOTTED_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "custom_
                "user_input_name", "fqn", "class_fqn"}
 VALUE_TABLES = {"tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values",
                 "custom_obj_values"}
-NATIVE_CODE_DIRS = ("data/aotinductor/",)
+NATIVE_CODE_DIRS = ("data/aotinductor/",)  # compared in lower case
+MODELS_DIR = "models/"
+MODEL_ENTRY = re.compile(r"models/[A-Za-z0-9_]+\.json")
+# printable ASCII without backslash: Python's zipfile decodes other bytes as cp437 while torch's
+# reader hands them on raw, and miniz folds only ASCII case
+ENTRY_NAME = re.compile(r"[\x20-\x5b\x5d-\x7e]+")
 OBJECT_CONSTANT_PREFIXES = ("custom_obj", "opaque_obj")
+
+
+def check_entry_names(records: list[str], listed: list[str], source: str) -> None:
+    """Refuse archives whose entries torch could read other than as vetted (module docstring).
+
+    ``records``: the names torch's reader gives (relative to the archive's root folder);
+    ``listed``: Python's zipfile namelist (with the root folder)."""
+    root = listed[0].split("/", 1)[0] + "/" if listed else ""
+    stripped = [n[len(root):] if n.startswith(root) else n for n in listed]
+    if sorted(stripped) != sorted(records):
+        raise UnsafeModelError(f"{source}: torch and arcompile read the archive's index "
+                               "differently; arcompile will not load it")
+    seen: dict[str, str] = {}
+    for name in records:
+        if not ENTRY_NAME.fullmatch(name):
+            raise UnsafeModelError(f"{source} holds an entry named {name[:60]!r} (not printable "
+                                   "ASCII); arcompile will not load it")
+        low = name.lower()
+        if low in seen:
+            raise UnsafeModelError(f"{source} holds two entries that torch cannot tell apart "
+                                   f"({seen[low]!r} and {name!r}); arcompile will not load it")
+        seen[low] = name
+        if low.startswith(MODELS_DIR) and not MODEL_ENTRY.fullmatch(name):
+            raise UnsafeModelError(f"{source} holds {name!r}, which torch would read as a "
+                                   "program but is not named models/NAME.json; arcompile will "
+                                   "not load it")
+    check_file_names(records, source)
 
 
 def check_file_names(names: list[str], source: str) -> None:
     """Refuse archives that carry compiled code for torch to load."""
     for name in names:
-        if name.startswith(NATIVE_CODE_DIRS):
+        if name.lower().startswith(NATIVE_CODE_DIRS):
             raise UnsafeModelError(f"{source} holds AOTInductor compiled code ({name}), which "
                                    "arcompile will not load; save the program with "
                                    "torch.export.save(ep, 'model.pt2') instead")
@@ -64,7 +106,11 @@ def check_file_names(names: list[str], source: str) -> None:
 
 def check_payload_config(config: dict, source: str, entry: str) -> None:
     """Refuse pickled Python objects among an archive's constants."""
-    for fqn, meta in (config.get("config") or {}).items():
+    table = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(m, dict) for m in table.values()):
+        raise ModelLoadError(f"{source}: the export archive entry {entry} is not a payload "
+                             "config (a table of entries); the file is corrupt")
+    for fqn, meta in table.items():
         path = str(meta.get("path_name", ""))
         if path.startswith(OBJECT_CONSTANT_PREFIXES):
             raise UnsafeModelError(f"{source} holds a pickled Python object as constant '{fqn}' "

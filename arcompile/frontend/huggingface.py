@@ -112,15 +112,22 @@ def _from_pretrained(folder: Path, kwargs: dict, source: str) -> torch.nn.Module
     return model.eval()
 
 
-def _asks_for_own_code(folder: Path) -> bool:
+def _asks_for_own_code(folder: Path, name: str = "config.json") -> bool:
     try:
-        return "auto_map" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+        entries = json.loads((folder / name).read_text())
+    except (OSError, ValueError, RecursionError):
         return False
+    return isinstance(entries, dict) and bool(entries.get("auto_map"))
 
 
 def _tokenizer(folder: Path, kwargs: dict, source: str, log: Callable[[str], None]) -> Any:
     transformers = _transformers(source, gguf="gguf_file" in kwargs)
+    if "gguf_file" not in kwargs and _asks_for_own_code(folder, "tokenizer_config.json"):
+        # trust_remote_code=False would quietly load another class, and the engine would
+        # carry the auto_map on: keep no tokenizer instead
+        log(f"no tokenizer: the one in {source} needs its own Python code (auto_map), which "
+            "arcompile does not run")
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

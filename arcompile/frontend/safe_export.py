@@ -1,7 +1,8 @@
 """Load a torch.export archive (``torch.export.save``, any extension) without running its code.
 
 Three layers, because torch.export.load trusts its file (see archive_check.py for the paths):
-1. archive_check vets the archive's JSON and file list before torch reads any of it;
+1. archive_check vets the archive's JSON and file list before torch reads any of it: every
+   entry torch would parse, read through torch's own zip reader (same names, same bytes);
 2. while torch reads it, ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes every ``torch.load`` weights-
    only (torch/serialization.py honours it even where torch passes ``weights_only=False``), and
    the pt2 loader's ``pickle.loads`` / ``torch._C._pickle_load_obj`` are swapped for refusals;
@@ -26,8 +27,8 @@ from torch.export import ExportedProgram
 from torch.export.pt2_archive import _package
 
 from arcompile.errors import ArcompileError, ModelLoadError, UnsafeModelError
-from arcompile.frontend.archive_check import (check_file_names, check_payload_config,
-                                              check_program_json)
+from arcompile.frontend.archive_check import (MODELS_DIR, check_entry_names,
+                                              check_payload_config, check_program_json)
 from arcompile.frontend.load_errors import first_line
 
 FORCE_SAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
@@ -37,17 +38,9 @@ _LOCK = threading.RLock()
 
 
 def load_export_archive(path: Path, root: str) -> ExportedProgram:
-    """The ExportedProgram in a pt2 archive whose entries live under ``root/``."""
+    """The ExportedProgram in a pt2 archive (its entries under one root folder, ``root``)."""
     source = path.name
-    with zipfile.ZipFile(path) as zf:
-        names = [n[len(root) + 1:] if root else n for n in zf.namelist()]
-        check_file_names(names, source)
-        for name in names:
-            entry = f"{root}/{name}" if root else name
-            if name.startswith("models/") and name.endswith(".json"):
-                check_program_json(_read_json(zf, entry, source), source)
-            elif name.startswith("data/") and name.endswith("_config.json"):
-                check_payload_config(_read_json(zf, entry, source), source, name)
+    vet_archive(path, source)
     try:
         with unpickling_refused(), open(path, "rb") as f:
             contents = _package.load_pt2(f)
@@ -101,9 +94,29 @@ def _refuse_unpickling(*args, **kwargs):
                            "not unpickle it")
 
 
-def _read_json(zf: zipfile.ZipFile, entry: str, source: str):
+def vet_archive(path: Path, source: str) -> None:
+    """Check every entry torch's pt2 loader would parse, read through torch's own reader so
+    that what is vetted is byte for byte what torch reads (archive_check.py says which)."""
     try:
-        return json.loads(zf.read(entry))
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = list(reader.get_all_records())
+        with zipfile.ZipFile(path) as zf:
+            listed = zf.namelist()
+    except Exception as e:  # not a zip, no root folder, a bad central directory
+        raise ModelLoadError(f"{source}: torch could not read the export archive: "
+                             f"{first_line(e)}") from e
+    check_entry_names(records, listed, source)
+    for name in records:
+        low = name.lower()
+        if low.startswith(MODELS_DIR):
+            check_program_json(_read_json(reader, name, source), source)
+        elif low.endswith("config.json"):  # weights, constants (and AOTInductor's, refused)
+            check_payload_config(_read_json(reader, name, source), source, name)
+
+
+def _read_json(reader, entry: str, source: str):
+    try:
+        return json.loads(reader.get_record(entry))
     except Exception as e:  # bad JSON, bad CRC, bad deflate stream: all mean corrupt
         raise ModelLoadError(f"{source}: the export archive entry {entry} is corrupt: "
                              f"{first_line(e)}") from e

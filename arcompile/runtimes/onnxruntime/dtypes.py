@@ -48,3 +48,12 @@ def dtype_name(dtype: Any) -> str:
 
 def is_float(dtype: Any) -> bool:
     return torch_dtype(dtype).is_floating_point
+
+
+# ONNX Runtime's type strings for the names manifests use (engine.py checks one against the other)
+ONNX_DTYPE_NAMES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+    "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+    "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
