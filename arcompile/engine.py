@@ -27,10 +27,16 @@ quantized copy instead (``self_draft.py``; faster on small models). ``speculativ
 
 Loading checks the manifest (format version, every file's size and hash) before ONNX
 Runtime sees the model, and refuses a directory that does not match.
+
+Threads may share one Engine: every call allocates its own cache buffers (and, in place, the
+I/O bindings kept on them: ``runtimes/onnxruntime/inplace_step.py``), so concurrent calls
+never see each other's cache and run in parallel in ONNX Runtime; ``speculation`` is per
+thread, and what is loaded lazily (the tokenizer, the self-draft) is loaded once under a lock.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -66,7 +72,8 @@ class Engine:
         # its flags input with no flag set (the full model), fed when a step sets none
         self._skip_off: dict = ({} if self._skip is None else
                                 {self._skip["input"]: np.zeros(len(self._skip["blocks"]), bool)})
-        self.speculation: dict | None = None  # the last speculative decode's figures
+        self._local = threading.local()  # per thread: the last speculative decode's figures
+        self._loading = threading.Lock()  # the lazily loaded tokenizer and self-draft
         self._self_draft: "Engine | None" = None  # optimize --self-draft's engine, once loaded
         if self._cache is not None:
             self._output = self._cache["logits"]
@@ -107,15 +114,7 @@ class Engine:
         """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
         if self._cache is None:
             return self._session.run([self._output], {self._input: ids})[0]
-        try:
-            return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        """A decode ended: the in-place step lets go of its binding and the cache buffers."""
-        if self._inplace is not None:
-            self._inplace.release()
+        return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
 
     def _empty_cache(self, batch: int, capacity: int | None = None) -> list:
         """An empty cache for ``batch`` rows; in-place: buffers for ``capacity`` tokens (the
@@ -175,10 +174,7 @@ class Engine:
             raise DecodeError(f"sequence of {ids.shape[1]} tokens exceeds the engine's maximum "
                               f"context of {self.max_context}")
         if flags is not None:  # one prefill with the flags set, every row kept
-            try:
-                return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
-            finally:
-                self._release()
+            return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
         return self._forward(ids)
 
     # -- decoding ---------------------------------------------------------------------
@@ -239,8 +235,9 @@ class Engine:
                 if not live:
                     return
                 yield out
-        finally:  # also when the caller stops reading early
-            self._release()
+        finally:  # also when the caller stops reading early: the buffers go now
+            for _, steps in streams:
+                steps.close()
 
     def _speculative(self, rows: list[list[int]], max_new_tokens: int, do_sample: bool,
                      eos_token_id, skip, mode: str, draft_tokens: int, draft_skip,
@@ -316,15 +313,21 @@ class Engine:
                                                 trim):
                 yield [token]
         finally:  # also when the caller stops reading early
-            self.speculation = stats.as_dict()
-            self._release()
+            self._local.speculation = stats.as_dict()
+
+    @property
+    def speculation(self) -> dict | None:
+        """The figures of this thread's last speculative decode (acceptance rate, tokens per
+        round, ...), or None before one."""
+        return getattr(self._local, "speculation", None)
 
     def _own_draft(self) -> "Engine":
         """The self-draft (``self_draft.py``), loaded once and checked like a draft engine."""
-        if self._self_draft is None:
-            from arcompile import self_draft
+        with self._loading:
+            if self._self_draft is None:
+                from arcompile import self_draft
 
-            self._self_draft = self._draft_engine(self_draft.load(self))
+                self._self_draft = self._draft_engine(self_draft.load(self))
         return self._self_draft
 
     def _draft_engine(self, draft) -> "Engine":
