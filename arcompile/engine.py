@@ -43,25 +43,31 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from arcompile import checks
 from arcompile.decoding import Sampler, as_batch, check_context, decode_steps, pad_right
 from arcompile.errors import DecodeError, EngineError
 from arcompile.kv_decoding import cached_decode_steps
 from arcompile.runtimes.engine_dir import read_manifest
 
 RUNTIMES = ("onnxruntime-cpu",)
+# The bound of an engine whose manifest names none (an uncached engine from a .pt2 without a
+# config): optimize's own default for a cache (compile.DEFAULT_MAX_CONTEXT; not imported, as
+# compile imports torch). It keeps max_new_tokens=10**9 from running unbounded, each step of
+# an uncached engine recomputing the whole prefix.
+DEFAULT_MAX_CONTEXT = 2048
 
 
 class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, check_hashes: bool = True):
+        from arcompile.runtimes.onnxruntime.session import check_threads, make_session
+
         self.path = Path(path)
-        self._threads = threads
+        self._threads = check_threads(threads)  # before the manifest's hashes, which take time
         self.manifest = read_manifest(self.path, check_hashes=check_hashes)
         runtime = self.manifest.get("runtime")
         if runtime not in RUNTIMES:
             raise EngineError(f"engine runtime {runtime!r} is not supported by this arcompile "
                               f"(supported: {', '.join(RUNTIMES)})")
-        from arcompile.runtimes.onnxruntime.session import make_session
-
         self._session = make_session(self.path / self.manifest["model_file"], threads=threads)
         self._input = self.manifest["inputs"][0]["name"]
         self._output = self.manifest["outputs"][0]["name"]
@@ -103,12 +109,20 @@ class Engine:
         return self.manifest.get("config", {})
 
     @property
-    def max_context(self) -> int | None:
-        """The model's maximum context; an in-place cached engine: at most its buffers'."""
+    def max_context(self) -> int:
+        """The most tokens (prompt + new) a call may reach: the model's maximum context; a
+        cached engine: at most its cache's; neither known: ``DEFAULT_MAX_CONTEXT``."""
         limits = [self.config.get("max_position_embeddings"),
                   (self._cache or {}).get("max_context")]
         limits = [int(n) for n in limits if n]
-        return min(limits) if limits else None
+        return min(limits) if limits else DEFAULT_MAX_CONTEXT
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The number of token ids the engine takes (the config's, else the logits' last
+        dim), or None where neither says."""
+        size = self.config.get("vocab_size") or self.manifest["outputs"][0]["shape"][-1]
+        return int(size) if isinstance(size, int) else None
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
@@ -167,10 +181,11 @@ class Engine:
         the layer-skip choice skipped (see ``skip_flags``)."""
         flags = self.skip_flags(skip) if skip is not False else None
         rows, _ = as_batch(input_ids)
+        checks.token_ids(rows, self.vocab_size)
         if len({len(r) for r in rows}) != 1:
             raise DecodeError("logits() needs rows of equal length; call it per row instead")
         ids, _ = pad_right(rows)
-        if self.max_context and ids.shape[1] > self.max_context:
+        if ids.shape[1] > self.max_context:
             raise DecodeError(f"sequence of {ids.shape[1]} tokens exceeds the engine's maximum "
                               f"context of {self.max_context}")
         if flags is not None:  # one prefill with the flags set, every row kept
@@ -198,8 +213,15 @@ class Engine:
         ``min_confidence``: stop drafting with a model below this top probability (default
         ``speculative.DEFAULT_MIN_CONFIDENCE``).
         """
+        # every argument checked before the first step (checks.py): one-line DecodeErrors
         rows, _ = as_batch(input_ids)
+        checks.token_ids(rows, self.vocab_size)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        do_sample = sampler.do_sample
+        eos_token_id = checks.stop_tokens(eos_token_id, self.vocab_size)
+        max_new_tokens = checks.new_tokens(max_new_tokens, rows, self.max_context)
+        if min_confidence is not None:
+            min_confidence = checks.real("min_confidence", min_confidence, 0.0, 1.0)
         if speculative is not None:
             yield from self._speculative(rows, max_new_tokens, do_sample, eos_token_id, skip,
                                          speculative, draft_tokens, draft_skip, min_confidence,
@@ -245,9 +267,9 @@ class Engine:
                      ) -> Iterator[list[int | None]]:
         from arcompile import speculative as spec
 
-        if mode not in spec.MODES:
-            raise DecodeError(f"speculative must be one of {', '.join(spec.MODES)}, got "
-                              f"{mode!r}")
+        if not isinstance(mode, str) or mode not in spec.MODES:
+            raise DecodeError(f"speculative must be None or one of {', '.join(spec.MODES)}, "
+                              f"got {mode!r}")
         kinds = mode.split("+")  # "ngram+self": prompt lookup first, the model when it has none
         if self._cache is None:
             raise DecodeError("speculative decoding needs a cached engine (this one has no KV "
@@ -261,9 +283,8 @@ class Engine:
         if len(rows) != 1:
             raise DecodeError(f"speculative decoding runs one prompt at a time (batch 1); got "
                               f"{len(rows)} prompts")
-        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) \
-                or draft_tokens < 1:
-            raise DecodeError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        # more drafts than the decode has tokens are never used (speculative_steps' room)
+        draft_tokens = checks.integer("draft_tokens", draft_tokens, 1, self.max_context)
         check_context(rows, max_new_tokens, self.max_context)
         stats = spec.SpeculationStats(mode, int(draft_tokens))
         drafters = []
