@@ -410,9 +410,12 @@ class Engine:
         if chat:
             if not getattr(tok, "chat_template", None):
                 raise EngineError("this engine's tokenizer has no chat template; drop --chat")
-            return list(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=True,
-                                                return_dict=False))
+            from arcompile.chat_template import render
+
+            # rendered here, with time and output bounds, not by transformers (chat_template.py)
+            prompt = render(tok.chat_template, [{"role": "user", "content": text}],
+                            add_generation_prompt=True, **tok.special_tokens_map)
+            return list(tok.encode(prompt, add_special_tokens=False))
         return list(tok.encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:
