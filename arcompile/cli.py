@@ -155,7 +155,9 @@ def _skip_fraction(text: str) -> float:
 def cmd_profile(args: argparse.Namespace) -> int:
     from arcompile.profile import profile
     from arcompile.profile_report import format_modes, format_table, plot, write_json
+    from arcompile.runtimes.onnxruntime.session import check_threads
 
+    check_threads(args.threads)  # before the long run, not after it
     if args.plot:  # fail before the long run, not after it
         try:
             import matplotlib  # noqa: F401

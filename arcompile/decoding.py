@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from arcompile import checks
 from arcompile.errors import DecodeError
 
 Forward = Callable[[np.ndarray], np.ndarray]
@@ -28,7 +29,10 @@ def as_batch(input_ids) -> tuple[list[list[int]], bool]:
         input_ids = input_ids.tolist()
     if not isinstance(input_ids, (list, tuple)) or len(input_ids) == 0:
         raise DecodeError("input_ids must be a non-empty list of token ids or a list of such lists")
-    single = not isinstance(input_ids[0], (list, tuple))
+    single = not isinstance(input_ids[0], (list, tuple, np.ndarray))
+    if not single and not all(isinstance(r, (list, tuple, np.ndarray)) for r in input_ids):
+        raise DecodeError("input_ids must be a list of token ids or a list of such lists, "
+                          "not a mix of both")
     rows = [list(input_ids)] if single else [list(r) for r in input_ids]
     for r in rows:
         if not r:
@@ -51,12 +55,8 @@ class Sampler:
 
     def __init__(self, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None):
-        if do_sample and temperature <= 0:
-            raise DecodeError("temperature must be > 0 when sampling")
-        if top_k < 0:
-            raise DecodeError("top_k must be >= 0 (0 turns it off)")
-        if not 0 < top_p <= 1:
-            raise DecodeError("top_p must be in (0, 1]")
+        do_sample, temperature, top_k, top_p, seed = checks.sampling(do_sample, temperature,
+                                                                     top_k, top_p, seed)
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
         self.rng = np.random.default_rng(seed)
 
@@ -81,13 +81,9 @@ class Sampler:
 
 def check_context(rows: Sequence[Sequence[int]], max_new_tokens: int,
                   max_context: int | None) -> None:
-    """DecodeError unless the longest prompt plus the new tokens fits the maximum context."""
-    if max_new_tokens < 0:
-        raise DecodeError("max_new_tokens must be >= 0")
-    longest = max(len(r) for r in rows)
-    if max_context is not None and longest + max_new_tokens > max_context:
-        raise DecodeError(f"prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
-                          f"the engine's maximum context of {max_context}")
+    """DecodeError unless ``max_new_tokens`` is an int >= 0 and the longest prompt plus it
+    fits the maximum context."""
+    checks.new_tokens(max_new_tokens, rows, max_context)
 
 
 def stop_set(eos_token_id: int | Sequence[int] | None) -> set[int]:

@@ -27,36 +27,48 @@ quantized copy instead (``self_draft.py``; faster on small models). ``speculativ
 
 Loading checks the manifest (format version, every file's size and hash) before ONNX
 Runtime sees the model, and refuses a directory that does not match.
+
+Threads may share one Engine: every call allocates its own cache buffers (and, in place, the
+I/O bindings kept on them: ``runtimes/onnxruntime/inplace_step.py``), so concurrent calls
+never see each other's cache and run in parallel in ONNX Runtime; ``speculation`` is per
+thread, and what is loaded lazily (the tokenizer, the self-draft) is loaded once under a lock.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from arcompile import checks
 from arcompile.decoding import Sampler, as_batch, check_context, decode_steps, pad_right
 from arcompile.errors import DecodeError, EngineError
 from arcompile.kv_decoding import cached_decode_steps
 from arcompile.runtimes.engine_dir import read_manifest
 
 RUNTIMES = ("onnxruntime-cpu",)
+# The bound of an engine whose manifest names none (an uncached engine from a .pt2 without a
+# config): optimize's own default for a cache (compile.DEFAULT_MAX_CONTEXT; not imported, as
+# compile imports torch). It keeps max_new_tokens=10**9 from running unbounded, each step of
+# an uncached engine recomputing the whole prefix.
+DEFAULT_MAX_CONTEXT = 2048
 
 
 class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, check_hashes: bool = True):
+        from arcompile.runtimes.onnxruntime.session import check_threads, make_session
+
         self.path = Path(path)
-        self._threads = threads
+        self._threads = check_threads(threads)  # before the manifest's hashes, which take time
         self.manifest = read_manifest(self.path, check_hashes=check_hashes)
         runtime = self.manifest.get("runtime")
         if runtime not in RUNTIMES:
             raise EngineError(f"engine runtime {runtime!r} is not supported by this arcompile "
                               f"(supported: {', '.join(RUNTIMES)})")
-        from arcompile.runtimes.onnxruntime.session import make_session
-
         model = self.path / self.manifest["model_file"]
         try:
             self._session = make_session(model, threads=threads)
@@ -73,7 +85,8 @@ class Engine:
         # its flags input with no flag set (the full model), fed when a step sets none
         self._skip_off: dict = ({} if self._skip is None else
                                 {self._skip["input"]: np.zeros(len(self._skip["blocks"]), bool)})
-        self.speculation: dict | None = None  # the last speculative decode's figures
+        self._local = threading.local()  # per thread: the last speculative decode's figures
+        self._loading = threading.Lock()  # the lazily loaded tokenizer and self-draft
         self._self_draft: "Engine | None" = None  # optimize --self-draft's engine, once loaded
         if self._cache is not None:
             self._output = self._cache["logits"]
@@ -103,26 +116,26 @@ class Engine:
         return self.manifest.get("config", {})
 
     @property
-    def max_context(self) -> int | None:
-        """The model's maximum context; an in-place cached engine: at most its buffers'."""
+    def max_context(self) -> int:
+        """The most tokens (prompt + new) a call may reach: the model's maximum context; a
+        cached engine: at most its cache's; neither known: ``DEFAULT_MAX_CONTEXT``."""
         limits = [self.config.get("max_position_embeddings"),
                   (self._cache or {}).get("max_context")]
         limits = [int(n) for n in limits if n]
-        return min(limits) if limits else None
+        return min(limits) if limits else DEFAULT_MAX_CONTEXT
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The number of token ids the engine takes (the config's, else the logits' last
+        dim), or None where neither says."""
+        size = self.config.get("vocab_size") or self.manifest["outputs"][0]["shape"][-1]
+        return int(size) if isinstance(size, int) else None
 
     def _forward(self, ids: np.ndarray) -> np.ndarray:
         """Logits [B, T, V] of whole sequences (a cached engine: one prefill, empty cache)."""
         if self._cache is None:
             return self._session.run([self._output], {self._input: ids})[0]
-        try:
-            return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        """A decode ended: the in-place step lets go of its binding and the cache buffers."""
-        if self._inplace is not None:
-            self._inplace.release()
+        return self._step(ids, 0, self._empty_cache(*ids.shape))[0]
 
     def _empty_cache(self, batch: int, capacity: int | None = None) -> list:
         """An empty cache for ``batch`` rows; in-place: buffers for ``capacity`` tokens (the
@@ -175,17 +188,15 @@ class Engine:
         the layer-skip choice skipped (see ``skip_flags``)."""
         flags = self.skip_flags(skip) if skip is not False else None
         rows, _ = as_batch(input_ids)
+        checks.token_ids(rows, self.vocab_size)
         if len({len(r) for r in rows}) != 1:
             raise DecodeError("logits() needs rows of equal length; call it per row instead")
         ids, _ = pad_right(rows)
-        if self.max_context and ids.shape[1] > self.max_context:
+        if ids.shape[1] > self.max_context:
             raise DecodeError(f"sequence of {ids.shape[1]} tokens exceeds the engine's maximum "
                               f"context of {self.max_context}")
         if flags is not None:  # one prefill with the flags set, every row kept
-            try:
-                return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
-            finally:
-                self._release()
+            return self._step(ids, 0, self._empty_cache(*ids.shape), 0, flags)[0]
         return self._forward(ids)
 
     # -- decoding ---------------------------------------------------------------------
@@ -209,8 +220,15 @@ class Engine:
         ``min_confidence``: stop drafting with a model below this top probability (default
         ``speculative.DEFAULT_MIN_CONFIDENCE``).
         """
+        # every argument checked before the first step (checks.py): one-line DecodeErrors
         rows, _ = as_batch(input_ids)
+        checks.token_ids(rows, self.vocab_size)
         sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
+        do_sample = sampler.do_sample
+        eos_token_id = checks.stop_tokens(eos_token_id, self.vocab_size)
+        max_new_tokens = checks.new_tokens(max_new_tokens, rows, self.max_context)
+        if min_confidence is not None:
+            min_confidence = checks.real("min_confidence", min_confidence, 0.0, 1.0)
         if speculative is not None:
             yield from self._speculative(rows, max_new_tokens, do_sample, eos_token_id, skip,
                                          speculative, draft_tokens, draft_skip, min_confidence,
@@ -246,8 +264,9 @@ class Engine:
                 if not live:
                     return
                 yield out
-        finally:  # also when the caller stops reading early
-            self._release()
+        finally:  # also when the caller stops reading early: the buffers go now
+            for _, steps in streams:
+                steps.close()
 
     def _speculative(self, rows: list[list[int]], max_new_tokens: int, do_sample: bool,
                      eos_token_id, skip, mode: str, draft_tokens: int, draft_skip,
@@ -255,9 +274,9 @@ class Engine:
                      ) -> Iterator[list[int | None]]:
         from arcompile import speculative as spec
 
-        if mode not in spec.MODES:
-            raise DecodeError(f"speculative must be one of {', '.join(spec.MODES)}, got "
-                              f"{mode!r}")
+        if not isinstance(mode, str) or mode not in spec.MODES:
+            raise DecodeError(f"speculative must be None or one of {', '.join(spec.MODES)}, "
+                              f"got {mode!r}")
         kinds = mode.split("+")  # "ngram+self": prompt lookup first, the model when it has none
         if self._cache is None:
             raise DecodeError("speculative decoding needs a cached engine (this one has no KV "
@@ -271,9 +290,8 @@ class Engine:
         if len(rows) != 1:
             raise DecodeError(f"speculative decoding runs one prompt at a time (batch 1); got "
                               f"{len(rows)} prompts")
-        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, (int, np.integer)) \
-                or draft_tokens < 1:
-            raise DecodeError(f"draft_tokens must be an integer >= 1, got {draft_tokens!r}")
+        # more drafts than the decode has tokens are never used (speculative_steps' room)
+        draft_tokens = checks.integer("draft_tokens", draft_tokens, 1, self.max_context)
         check_context(rows, max_new_tokens, self.max_context)
         stats = spec.SpeculationStats(mode, int(draft_tokens))
         drafters = []
@@ -323,15 +341,21 @@ class Engine:
                                                 trim):
                 yield [token]
         finally:  # also when the caller stops reading early
-            self.speculation = stats.as_dict()
-            self._release()
+            self._local.speculation = stats.as_dict()
+
+    @property
+    def speculation(self) -> dict | None:
+        """The figures of this thread's last speculative decode (acceptance rate, tokens per
+        round, ...), or None before one."""
+        return getattr(self._local, "speculation", None)
 
     def _own_draft(self) -> "Engine":
         """The self-draft (``self_draft.py``), loaded once and checked like a draft engine."""
-        if self._self_draft is None:
-            from arcompile import self_draft
+        with self._loading:
+            if self._self_draft is None:
+                from arcompile import self_draft
 
-            self._self_draft = self._draft_engine(self_draft.load(self))
+                self._self_draft = self._draft_engine(self_draft.load(self))
         return self._self_draft
 
     def _draft_engine(self, draft) -> "Engine":
@@ -393,9 +417,12 @@ class Engine:
         if chat:
             if not getattr(tok, "chat_template", None):
                 raise EngineError("this engine's tokenizer has no chat template; drop --chat")
-            return list(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=True,
-                                                return_dict=False))
+            from arcompile.chat_template import render
+
+            # rendered here, with time and output bounds, not by transformers (chat_template.py)
+            prompt = render(tok.chat_template, [{"role": "user", "content": text}],
+                            add_generation_prompt=True, **tok.special_tokens_map)
+            return list(tok.encode(prompt, add_special_tokens=False))
         return list(tok.encode(text))
 
     def decode(self, ids: Sequence[int]) -> str:

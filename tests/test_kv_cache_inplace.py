@@ -117,16 +117,15 @@ def test_cli_inplace(tmp_path, capsys):
 
 
 def test_kept_binding_follows_new_buffers_shapes_and_stops(engines):
-    """The step keeps its I/O binding while the buffers stay (only tokens and lengths are
+    """The step keeps its I/O binding on the decode's buffers (only tokens and lengths are
     rebound): a new decode, a stream stopped early, a batch of two prompt lengths stepped in
-    turn and logits() in between all give what a fresh engine gives, and a decode that ends
-    lets go of its buffers."""
+    turn and logits() in between all give what a fresh engine gives, and the step itself
+    holds no decode's state (test_engine_concurrency.py: the buffers go with the decode)."""
     module, inplace, concat = engines("llama")
     want = concat.generate(PROMPT, max_new_tokens=12)
     stream = inplace.stream(PROMPT, max_new_tokens=12)
     assert [next(stream)[0] for _ in range(3)] == want[:3]
     stream.close()  # stopped early: the next decode gets new buffers and a new binding
-    assert inplace._inplace._bound is None
     rows = [PROMPT, PROMPT[:4]]  # two cache groups, stepped in turn
     assert inplace.generate(rows, max_new_tokens=12) == concat.generate(rows, max_new_tokens=12)
     full = inplace.logits([PROMPT + want[:-1]])  # every row: ORT's own output array
@@ -134,4 +133,6 @@ def test_kept_binding_follows_new_buffers_shapes_and_stops(engines):
     assert list(full[0, len(PROMPT) - 1:].argmax(-1)) == want
     first = inplace.generate(PROMPT, max_new_tokens=12)
     assert first == want and inplace.generate(PROMPT, max_new_tokens=12) == want
-    assert inplace._inplace._bound is None
+    assert set(vars(inplace._inplace)) == {  # its configuration only, no decode's state
+        "session", "tokens", "past_length", "logits", "logits_to_keep", "pasts", "presents",
+        "max_context", "defaults"}

@@ -6,11 +6,18 @@ bound, with I/O binding, both as the step's pasts and as its presents: GroupQuer
 writes the new rows at ``past_length`` .. ``past_length + T - 1`` into them, so nothing of the
 cache is copied between steps. Only the logits come back to numpy.
 
-The binding itself is kept from one step to the next while the buffers and the logits' shape
-stay the same (``_binding``): only the tokens, ``past_length`` and ``logits_to_keep`` are bound
-anew, and the logits land in a preallocated array. Rebuilding the binding, its 2 x layers
-cache bindings and a fresh logits output every step cost SmolLM2 about 0.3 ms of a 4 ms int4
-step. ``release`` drops what the binding holds when a decode ends.
+The binding itself is kept from one step to the next while the logits' shape stays the same:
+only the tokens, ``past_length`` and ``logits_to_keep`` are bound anew, and the logits land in
+a preallocated array. Rebuilding the binding, its 2 x layers cache bindings and a fresh logits
+output every step cost SmolLM2 about 0.3 ms of a 4 ms int4 step.
+
+Everything a decode mutates belongs to that decode, not to the step (which one Engine shares
+between the threads calling it): ``buffers`` returns a ``Buffers`` list that carries its own
+bindings (one per step that binds it: a draft engine drafting into the same buffers has its
+own session) and its own logits arrays. Concurrent decodes therefore never see each other's
+cache, and run in parallel (ONNX Runtime's ``Run`` may be called from several threads); a
+decode's bindings go when its buffers do. Sharing the binding on the step instead made 4
+threads on one Engine decode wrong tokens or fail in ORT (issue 22).
 """
 
 from __future__ import annotations
@@ -38,18 +45,16 @@ class InplaceStep:
         self.pasts, self.presents, self.max_context = pasts, presents, max_context
         # more inputs the graph takes (the layer-skip flags), bound when a call does not
         self.defaults = dict(defaults or {})
-        # see _binding: (buffers[0], the binding), logits arrays by shape, the bound shape
-        self._bound, self._arrays, self._shape = None, {}, None
 
-    def buffers(self, batch: int, capacity: int, shapes: list, dtypes: list) -> list:
+    def buffers(self, batch: int, capacity: int, shapes: list, dtypes: list) -> "Buffers":
         """Zeroed [B, Hkv, capacity, D] OrtValues, one per past (each keeps its numpy array
-        alive); capacity is capped at max_context."""
+        alive), for one decode; capacity is capped at max_context."""
         import onnxruntime as ort
 
         capacity = min(capacity, self.max_context)
         arrays = [np.zeros((batch, shape[1], capacity, *shape[3:]), dtype=dtype)
                   for shape, dtype in zip(shapes, dtypes)]
-        return [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        return Buffers(ort.OrtValue.ortvalue_from_numpy(a) for a in arrays)
 
     def __call__(self, ids: np.ndarray, past_length: int, buffers: list,
                  keep: int = 0, extra: dict | None = None) -> tuple[np.ndarray, list]:
@@ -77,31 +82,46 @@ class InplaceStep:
         """(the I/O binding with ``buffers`` bound as pasts and presents, and a preallocated
         logits array [*shape, V] bound as its output, or None where the vocabulary size is
         not static or many rows are asked for: then ORT allocates the output). The binding is
-        kept while ``buffers`` stay; a new shape rebinds the output alone (speculative
-        decoding alternates one-row drafting and k-row verifying steps)."""
+        kept on ``buffers`` (a ``Buffers``; a plain list gets a new one every call); a new
+        shape rebinds the output alone (speculative decoding alternates one-row drafting and
+        k-row verifying steps)."""
         import onnxruntime as ort
 
-        if self._bound is None or self._bound[0] is not buffers[0]:
+        kept = buffers.bindings if isinstance(buffers, Buffers) else {}
+        bound = kept.get(self)
+        if bound is None:
             io = self.session.io_binding()
             io.bind_output(self.logits)  # first, so get_outputs()[0] is it (a rebind keeps it)
             for past, present, buf in zip(self.pasts, self.presents, buffers):
                 io.bind_ortvalue_input(past, buf)
                 io.bind_ortvalue_output(present, buf)
-            self._bound, self._arrays, self._shape = (buffers[0], io), {}, None
-        io = self._bound[1]
-        if shape != self._shape:
+            bound = kept[self] = _Binding(io)
+        if shape != bound.shape:
             out = self.session.get_outputs()[0]
             if isinstance(out.shape[-1], int) and shape[1] <= PREALLOCATED_ROWS:
-                if shape not in self._arrays:
-                    self._arrays[shape] = np.zeros(
+                if shape not in bound.arrays:
+                    bound.arrays[shape] = np.zeros(
                         (*shape, out.shape[-1]), dtype=ORT_FLOATS.get(out.type, np.float32))
-                io.bind_ortvalue_output(self.logits,
-                                        ort.OrtValue.ortvalue_from_numpy(self._arrays[shape]))
+                bound.io.bind_ortvalue_output(
+                    self.logits, ort.OrtValue.ortvalue_from_numpy(bound.arrays[shape]))
             else:
-                io.bind_output(self.logits)
-            self._shape = shape
-        return io, self._arrays.get(shape)
+                bound.io.bind_output(self.logits)
+            bound.shape = shape
+        return bound.io, bound.arrays.get(shape)
 
-    def release(self) -> None:
-        """Forget the kept binding (and the cache buffers it references)."""
-        self._bound, self._arrays, self._shape = None, {}, None
+
+class Buffers(list):
+    """One decode's cache buffers (OrtValues, one per past) and the I/O bindings that bind
+    them, one per ``InplaceStep`` (the engine's, a draft engine's): state of the decode, so
+    that threads sharing an Engine never share it."""
+
+    def __init__(self, values=()):
+        super().__init__(values)
+        self.bindings: dict[InplaceStep, _Binding] = {}
+
+
+class _Binding:
+    """A kept I/O binding: the binding, its logits arrays by [B, rows], the shape bound."""
+
+    def __init__(self, io):
+        self.io, self.arrays, self.shape = io, {}, None
