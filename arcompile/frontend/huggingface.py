@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch.export import ExportedProgram
 
+from arcompile import progress
 from arcompile.errors import ArcompileError, ModelLoadError
 from arcompile.frontend.export import LogitsOnly, export_module
 from arcompile.frontend.load_errors import first_line
@@ -48,7 +49,8 @@ def find_smollm2_gguf() -> Path:
 def load_hf_folder(folder: Path, log: Callable[[str], None]):
     """(program, tokenizer or None, config dict, eager module) for a Hugging Face model folder."""
     log(f"loading Hugging Face model from {folder} ...")
-    model = _from_pretrained(folder, {}, folder.name)
+    with progress.step(f"loading {folder.name}"):
+        model = _from_pretrained(folder, {}, folder.name)
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = _tokenizer(folder, {}, folder.name, log)
@@ -61,8 +63,9 @@ def load_gguf(path: Path, log: Callable[[str], None]):
     """(program, tokenizer, config dict, eager module) for a GGUF file, dequantized to fp32."""
     log(f"loading GGUF {path.name} (dequantizing to fp32) ...")
     kwargs = {"gguf_file": path.name}
-    model = _from_pretrained(path.parent, kwargs, path.name)
-    tokenizer = _tokenizer(path.parent, kwargs, path.name, log)
+    with progress.step(f"loading {path.name} (dequantizing)"):
+        model = _from_pretrained(path.parent, kwargs, path.name)
+        tokenizer = _tokenizer(path.parent, kwargs, path.name, log)
     module = LogitsOnly(model).eval()
     return (_export(module, path.name, log), tokenizer, hf_config(model, tokenizer, path.stem),
             module)
@@ -134,7 +137,8 @@ def _tokenizer(folder: Path, kwargs: dict, source: str, log: Callable[[str], Non
 def _export(module: LogitsOnly, source: str, log: Callable[[str], None]) -> ExportedProgram:
     log(f"exporting {source} with torch.export ...")
     vocab = hf_config(module.model, None, source)["vocab_size"]
-    return export_module(module, vocab_size=vocab)
+    with progress.step("exporting with torch.export"):
+        return export_module(module, vocab_size=vocab)
 
 
 def _transformers(source: str, gguf: bool = False):
