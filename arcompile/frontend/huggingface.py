@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,7 +98,7 @@ def hf_config(model: torch.nn.Module, tokenizer: Any, name: str) -> dict:
 def _from_pretrained(folder: Path, kwargs: dict, source: str) -> torch.nn.Module:
     transformers = _transformers(source, gguf="gguf_file" in kwargs)
     try:
-        with unpickling_refused(), warnings.catch_warnings():
+        with unpickling_refused(), warnings.catch_warnings(), _no_library_bars(transformers):
             warnings.simplefilter("ignore")
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=torch.float32, trust_remote_code=False,
@@ -139,6 +140,21 @@ def _export(module: LogitsOnly, source: str, log: Callable[[str], None]) -> Expo
     vocab = hf_config(module.model, None, source)["vocab_size"]
     with progress.step("exporting with torch.export"):
         return export_module(module, vocab_size=vocab)
+
+
+@contextmanager
+def _no_library_bars(transformers):
+    """transformers' own tqdm bars (dequantizing GGUF tensors, loading weights) off while it
+    loads: arcompile's progress step shows the load, and tqdm's carriage returns would reach
+    pipes and CI logs."""
+    bars = transformers.utils.logging
+    was = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            bars.enable_progress_bar()
 
 
 def _transformers(source: str, gguf: bool = False):
