@@ -227,6 +227,13 @@ def reporting(reporter: Reporter) -> Iterator[Reporter]:
         _current.reset(token)
 
 
+def install(reporter: Reporter) -> Reporter:
+    """Install ``reporter`` for the rest of the process (scripts such as bench/suite.py; the
+    rich reporter's live display starts and stops with its steps, so nothing needs closing)."""
+    _current.set(reporter)
+    return reporter
+
+
 def interactive(stream: TextIO) -> bool:
     """A person watching a terminal: not a pipe or file, not CI, not ``TERM=dumb``."""
     return (hasattr(stream, "isatty") and stream.isatty() and not os.environ.get("CI")
