@@ -144,15 +144,26 @@ def _export(module: LogitsOnly, source: str, log: Callable[[str], None]) -> Expo
 
 @contextmanager
 def _no_library_bars(transformers):
-    """transformers' own tqdm bars (dequantizing GGUF tensors, loading weights) off while it
-    loads: arcompile's progress step shows the load, and tqdm's carriage returns would reach
-    pipes and CI logs."""
+    """transformers' own tqdm bars off while it loads: arcompile's progress steps show the
+    load, and tqdm's carriage returns would reach pipes and CI logs. Its GGUF loop calls
+    ``tqdm`` by itself (not through transformers' switch), so that name is pointed at a
+    progress step of ours for the while: a count of the tensors dequantized."""
     bars = transformers.utils.logging
     was = bars.is_progress_bar_enabled()
     bars.disable_progress_bar()
     try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support installed: nothing of it runs
+        gguf_utils = None
+    own = getattr(gguf_utils, "tqdm", None)
+    if own is not None:
+        gguf_utils.tqdm = lambda items, *args, **kwargs: progress.track(
+            items, "dequantizing GGUF tensors", unit="tensors")
+    try:
         yield
     finally:
+        if own is not None:
+            gguf_utils.tqdm = own
         if was:
             bars.enable_progress_bar()
 
