@@ -23,7 +23,7 @@ def engines(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in made:
             options = {"inplace": {}, "concat": {"kv_cache_runtime": "concat"},
-                       "uncached": {"kv_cache": False}}[name]
+                       "uncached": {"kv_cache": False}, "self_draft": {"self_draft": "int4"}}[name]
             made[name] = chat_engine(tmp_path_factory.mktemp(f"chat-{name}"), **options)
         return made[name]
     return get
@@ -207,3 +207,37 @@ def pexpect_eof():
     import pexpect
 
     return pexpect.EOF
+
+
+def test_speculative_chat_is_greedy_chat(engines):
+    """--speculative (n-gram lookup: it needs only the cache) drafts from where the
+    conversation stands; the replies are greedy's, turn after turn, and so are the prefills."""
+    import arcompile
+    from arcompile.chat import ChatSession
+    from arcompile.errors import DecodeError
+
+    eng = arcompile.load(engines("inplace"))
+    plain = ChatSession(eng, max_new_tokens=12)
+    fast = ChatSession(eng, max_new_tokens=12, speculative="ngram", draft_tokens=3)
+    for text in ("abcabcabc", "abcabc again"):
+        assert list(fast.send(text)) == list(plain.send(text))
+    assert fast.prefill_counts == plain.prefill_counts
+    assert fast.speculation is not None and fast.speculation["tokens"] >= 1
+    with pytest.raises(DecodeError, match="greedy"):
+        ChatSession(eng, speculative="ngram", do_sample=True)
+    with pytest.raises(DecodeError, match="in-place"):
+        ChatSession(arcompile.load(engines("concat")), speculative="ngram")
+
+
+def test_speculative_chat_with_the_engines_own_drafter(engines):
+    """--speculative self on an engine optimized with --self-draft int4: its int4 copy drafts
+    into the conversation's buffers; the replies are still greedy's."""
+    import arcompile
+    from arcompile.chat import ChatSession
+
+    eng = arcompile.load(engines("self_draft"))
+    plain = ChatSession(eng, max_new_tokens=10)
+    fast = ChatSession(eng, max_new_tokens=10, speculative="self", draft_tokens=3)
+    for text in ("Hello!", "Once more."):
+        assert list(fast.send(text)) == list(plain.send(text))
+    assert "self-draft" in fast.speculation["drafter"] and fast.speculation["drafted"] > 0
