@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import deque
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -67,7 +68,9 @@ class Reporter:
     """Silent: the default when nothing is installed, and ``--quiet``. Subclasses show more."""
 
     def __init__(self) -> None:
-        self.finished: list[Step] = []  # every step that ended, in the order it ended
+        # the steps that ended, in the order they ended (the last ones: a process that
+        # optimizes again and again keeps a bounded record)
+        self.finished: deque[Step] = deque(maxlen=1000)
         self._open: list[Step] = []
 
     def log(self, msg: str) -> None:
