@@ -98,6 +98,9 @@ class ChatSession:
                 continue
             yield now[len(shown):]
             shown = now
+        now = self.engine.decode(tokens)
+        if now != shown:  # a reply that ended inside a character
+            yield now[len(shown):]
 
     def send(self, text: str) -> Iterator[int]:
         """The reply's token ids as they are generated (the stop token included). Stopping
