@@ -59,9 +59,15 @@ class Step:
             return f"{self.name}: {self.seconds:.1f} s"
         count = f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
         unit = f" {self.unit}" if self.unit else ""
-        rate = (f" ({self.done / self.seconds:.1f}{unit}/s)"
-                if self.seconds > 0 and self.done else "")
-        return f"{self.name}: {count}{unit} in {self.seconds:.1f} s{rate}"
+        speed = f" ({rate(self.done / self.seconds, self.unit)})" if self.seconds > 0 and \
+            self.done else ""
+        return f"{self.name}: {count}{unit} in {self.seconds:.1f} s{speed}"
+
+
+def rate(per_second: float, unit: str = "") -> str:
+    """``7.9 seq/s``, or ``24.3 s/seq`` below one a second (as tqdm writes it)."""
+    unit = unit or "it"
+    return f"{per_second:.1f} {unit}/s" if per_second >= 1 else f"{1 / per_second:.1f} s/{unit}"
 
 
 class Reporter:
@@ -182,11 +188,10 @@ def _count_column():
         def render(self, task) -> Text:
             if task.total is None:
                 return Text("")
-            unit = task.fields.get("unit") or "it"
-            rate = f"  {task.speed:.1f} {unit}/s" if task.speed else ""
+            speed = f"  {rate(task.speed, task.fields.get('unit', ''))}" if task.speed else ""
             left = task.time_remaining
             eta = f"  eta {int(left) // 60}:{int(left) % 60:02d}" if left is not None else ""
-            return Text(f"{task.completed:.0f}/{task.total:.0f}{rate}{eta}",
+            return Text(f"{task.completed:.0f}/{task.total:.0f}{speed}{eta}",
                         style="progress.data.speed")
     return CountColumn()
 

@@ -115,7 +115,7 @@ def test_reporters_through_the_narrow_interface():
             pass
     lines = stream.getvalue().splitlines()
     assert lines[0] == "a message"
-    assert re.fullmatch(r"  done: inner: 3/3 seq in \d+\.\d s( \(.*seq/s\))?", lines[1])
+    assert re.fullmatch(r"  done: inner: 3/3 seq in \d+\.\d s( \(.* (seq/s|s/seq)\))?", lines[1])
     assert re.fullmatch(r"done: outer: \d+\.\d s", lines[2]) and len(lines) == 3
     assert [s.name for s in reporter.finished] == ["inner", "outer", "hidden"]
 
