@@ -293,14 +293,15 @@ def print_summary(lines: list[str], records: Iterable = (), steps: Iterable[Step
 
     records = list(records)
     passes = Table(box=box.SIMPLE_HEAD, title="passes", title_justify="left", pad_edge=False)
-    for header, justify in (("pass", "left"), ("nodes", "right"), ("ms", "right"),
+    for header, justify in (("pass", "left"), ("nodes", "right"), ("time", "right"),
                             ("rewrites", "left"), ("max|Δlogit|", "right")):
         passes.add_column(header, justify=justify, no_wrap=header != "rewrites")
     for r in records:
         rules = ", ".join(f"{k}={v}" for k, v in r.counts.items() if v) or "-"
         if r.notes:
             rules += f" [dim]({len(r.notes)} not applied)[/]"
-        passes.add_row(r.name, f"{r.nodes_before} → {r.nodes_after}", f"{r.seconds * 1e3:.0f}",
+        took = f"{r.seconds * 1e3:.0f} ms" if r.seconds < 1 else f"{r.seconds:.1f} s"
+        passes.add_row(r.name, f"{r.nodes_before} → {r.nodes_after}", took,
                        rules, f"{r.max_abs_diff:.2g}" if r.max_abs_diff is not None else "-")
     results = Table(box=box.SIMPLE_HEAD, show_header=False, title="result",
                     title_justify="left", pad_edge=False)
@@ -309,7 +310,8 @@ def print_summary(lines: list[str], records: Iterable = (), steps: Iterable[Step
     for line in lines:
         key, _, value = line.partition(": ")
         results.add_row(key, value) if value else results.add_row("", line)
-    slow = sorted((s for s in steps if s.depth == 0 and s.echo), key=lambda s: -s.seconds)[:3]
+    # every outermost step, passes included (their steps leave no line of their own)
+    slow = sorted((s for s in steps if s.depth == 0), key=lambda s: -s.seconds)[:3]
     if slow:
         results.add_row("slowest steps", ", ".join(f"{s.name} {s.seconds:.1f} s" for s in slow))
     Console(file=file).print(Group(*([passes] if records else []), results))
