@@ -4,7 +4,6 @@ prefills only its new text; typed through a pseudo-terminal as a person would.""
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -17,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    """name -> a tiny chat engine: the default (in-place cache), concat, no cache."""
+    """name -> a tiny chat engine: the default (in-place cache), concat, no cache, and one
+    with its own int4 drafter (optimize --self-draft int4)."""
     made = {}
 
     def get(name: str) -> Path:
