@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from arcompile import progress
 from arcompile.ir.graph import Graph, Node
 
 DEFAULT_SAMPLES = 16
@@ -63,5 +64,5 @@ def observe_inputs(graph: Graph, sequences: Iterable[list[int]], nodes: Iterable
         if node in wanted:
             visit(node, args)
 
-    for ids in sequences:
+    for ids in progress.track(sequences, "calibration forwards (interpreter)", unit="seq"):
         run_graph(graph, graph_inputs(graph, ids), observe=observe)

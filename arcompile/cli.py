@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from arcompile import progress
 from arcompile.errors import ArcompileError
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress line on stderr, through the installed reporter (``main``): above the live
+    bars on a terminal, plain in a pipe, nothing with --quiet."""
+    progress.log(msg)
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -28,16 +31,17 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                           check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
                           kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
                           self_draft=args.self_draft, **transform_options(args))
-    if args.explain:
+    if args.explain and not args.quiet:
         for record in report.passes:
             for note in record.notes:
                 print(f"{record.name}: {note}")
+    lines: list[str] = []  # the figures; print_summary shows them as a table on a terminal
     if report.kv_cache is not None:
-        print(f"kv cache: on ({report.kv_cache['layers']} layers)")
+        lines.append(f"kv cache: on ({report.kv_cache['layers']} layers)")
     elif report.kv_cache_refused:
-        print(f"kv cache: NOT inserted, the engine is UNCACHED: {report.kv_cache_refused}")
+        lines.append(f"kv cache: NOT inserted, the engine is UNCACHED: {report.kv_cache_refused}")
     else:
-        print("kv cache: off (--kv-cache off), the engine is uncached")
+        lines.append("kv cache: off (--kv-cache off), the engine is uncached")
     if report.quantization is not None:
         q = report.quantization
         s = q.get("settings", {})
@@ -48,28 +52,34 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                   + ")" if "lm_head" in s else "")
         what = " + ".join(([f"{q['mode']}{detail}"] if q["mode"] else [])
                           + (["int8 KV cache"] if q.get("kv_cache") else []))
-        print(f"quantization: {what}, perplexity "
-              f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
-              f"({q['perplexity_increase']:+.2%}), greedy agreement {q['greedy_agreement']:.1%}")
+        lines.append(f"quantization: {what}, perplexity "
+                     f"{q['perplexity_unquantized']:.3f} -> {q['perplexity']:.3f} "
+                     f"({q['perplexity_increase']:+.2%}), greedy agreement "
+                     f"{q['greedy_agreement']:.1%}")
         if q.get("fallback"):
             kept = q["fallback"]["kept"]
             more = f", and {len(kept) - 6} more (arcompile.json lists them)" if len(kept) > 6 else ""
-            print(f"  kept in {q['fallback']['to']} by the gate's fallback ({len(kept)} of "
-                  f"{q['fallback']['modules']} modules): {', '.join(kept[:6])}{more}")
+            lines.append(f"  kept in {q['fallback']['to']} by the gate's fallback "
+                         f"({len(kept)} of {q['fallback']['modules']} modules): "
+                         f"{', '.join(kept[:6])}{more}")
     if report.manifest.get("skip_ffn"):
         s = report.manifest["skip_ffn"]
         ppl = s.get("perplexity") or {}
-        print(f"layer skip: {len(s['blocks'])} feed-forward blocks routed, {len(s['chosen'])} "
-              f"skipped at --skip {s['budget']:g}"
-              + (f", perplexity {ppl['full']:.3f} -> {ppl['skipped']:.3f} "
-                 f"({ppl['increase']:+.1%})" if ppl else ""))
+        lines.append(f"layer skip: {len(s['blocks'])} feed-forward blocks routed, "
+                     f"{len(s['chosen'])} skipped at --skip {s['budget']:g}"
+                     + (f", perplexity {ppl['full']:.3f} -> {ppl['skipped']:.3f} "
+                        f"({ppl['increase']:+.1%})" if ppl else ""))
     if report.manifest.get("self_draft"):
         from arcompile.self_draft import describe
 
-        print(f"self-draft: {describe(report.manifest['self_draft'])}")
-    print(f"engine: {report.output_dir}  ({report.nodes_traced} -> {report.nodes_final} nodes, "
-          f"{report.seconds:.1f} s)")
-    if report.kv_cache_warning:
+        lines.append(f"self-draft: {describe(report.manifest['self_draft'])}")
+    lines.append(f"engine: {report.output_dir}  ({report.nodes_traced} -> "
+                 f"{report.nodes_final} nodes, {report.seconds:.1f} s)")
+    if args.quiet:  # errors and the final path only
+        print(report.output_dir)
+    else:
+        progress.print_summary(lines, report.passes, progress.current().finished)
+    if report.kv_cache_warning:  # last, on stderr, even with --quiet: the engine is slow
         sys.stdout.flush()
         print(report.kv_cache_warning, file=sys.stderr, flush=True)
     return 0
@@ -142,6 +152,73 @@ def _report_speculation(eng) -> None:
         _log(f"speculative ({s['mode']}{drafter}): {s['accepted']} of {s['drafted']} drafts "
              f"accepted ({s['acceptance_rate']:.0%}), {s['tokens_per_round']:.2f} tokens per "
              f"verifying step")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from arcompile.chat import ChatSession
+    from arcompile.engine import load
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    eng = load(args.engine, threads=args.threads)
+    session = ChatSession(eng, system=args.system, max_new_tokens=args.max_new_tokens,
+                          do_sample=args.do_sample, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          eos_token_id=args.eos_token_id, speculative=args.speculative,
+                          draft_tokens=args.draft_tokens, draft=args.draft)
+    how = ("history kept in the KV cache: each turn prefills only its new text"
+           if session.cached else "this engine has no KV cache: every turn recomputes the "
+                                  "whole conversation")
+    _log(f"chat with {args.engine} ({how}). /reset starts over, /exit or Ctrl-D leaves, "
+         f"Ctrl-C stops a reply.")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            _log("(Ctrl-C stops a reply; /exit or Ctrl-D leaves)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            _log("(conversation cleared)")
+            continue
+        if text.startswith("/"):
+            _log(f"unknown command {text.split()[0]}: /reset or /exit (text starting with / "
+                 f"needs a space before it)")
+            continue
+        stopped = False
+        try:
+            for piece in session.say(line):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            stopped = True
+        except ArcompileError as e:  # the conversation is full, say: the session goes on
+            print()
+            print(f"arcompile: error: {e}", file=sys.stderr)
+            continue
+        print(" [stopped]" if stopped else "", flush=True)
+        _report_turn(session, args.stats)
+
+
+def _report_turn(session, stats: bool) -> None:
+    if not stats or not session.turns:
+        return
+    t = session.turns[-1]
+    rate = f", {t['new_tokens'] / t['seconds']:.1f} tokens/s" if t["seconds"] > 0 else ""
+    spec = ""
+    if session.speculative and session.speculation:
+        spec = f", {session.speculation['acceptance_rate']:.0%} of drafts accepted"
+    _log(f"[prefill {t['prefill_tokens']} tokens, reply {t['new_tokens']} tokens{rate}{spec}]")
 
 
 def _skip_fraction(text: str) -> float:
@@ -245,6 +322,11 @@ def add_transform_options(p: argparse.ArgumentParser) -> None:
                         "gets a run-time flag (`run --skip`, `run --speculative self`)")
 
 
+def add_quiet_option(p: argparse.ArgumentParser, result: str) -> None:
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help=f"no progress: print only errors (stderr) and {result} (stdout)")
+
+
 def transform_options(args: argparse.Namespace) -> dict:
     """``add_transform_options``' values as optimize's / profile's keyword arguments."""
     return dict(quantize=args.quantize, group_size=args.group_size,
@@ -293,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "model's max_position_embeddings, else 2048; at most the rows of a "
                         "learned position table)")
     add_transform_options(o)
+    add_quiet_option(o, "the engine's path")
     o.add_argument("--self-draft", choices=("int4", "int8"), default=None,
                    help="also write a round-to-nearest int4 (or int8) copy of the model "
                         "inside the engine (DIR/draft) that drafts for `run --speculative "
@@ -331,6 +414,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --speculative: tokens drafted per verifying step (default 4)")
     r.set_defaults(func=cmd_run)
 
+    c = sub.add_parser("chat", help="talk with an engine (its chat template, history in the "
+                                    "KV cache)",
+                       description="An interactive conversation: type a message, the reply "
+                                   "streams. /reset starts over, /exit (or Ctrl-D) leaves, "
+                                   "Ctrl-C stops a reply and keeps the session.")
+    c.add_argument("engine", help="engine directory with a tokenizer that has a chat template")
+    c.add_argument("--system", help="a system message to start the conversation with")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="per reply (256)")
+    c.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
+    c.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    c.add_argument("--speculative",
+                   choices=("self", "ngram", "draft", "ngram+self", "ngram+draft"),
+                   help="lossless speculative greedy decoding, as in `run` (the in-place "
+                        "cache only)")
+    c.add_argument("--draft", metavar="ENGINE", help="with --speculative draft: the drafter")
+    c.add_argument("--draft-tokens", type=int, default=4,
+                   help="with --speculative: tokens drafted per verifying step (default 4)")
+    c.add_argument("--stats", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each reply, its prefill and reply token counts and speed on "
+                        "stderr (default on)")
+    c.set_defaults(func=cmd_chat)
+
     f = sub.add_parser("profile", help="measure latency, memory and accuracy after every pass",
                        description="Runs the pipeline and, before the first pass and after "
                                    "each one, lowers the graph as it stands and measures it on "
@@ -353,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--repeats", type=int, default=3, help="prefill timings per row (median)")
     f.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     add_transform_options(f)
+    add_quiet_option(f, "the table and the files written")
     f.set_defaults(func=cmd_profile)
 
     i = sub.add_parser("inspect", help="print a model's IR or an engine's manifest")
@@ -368,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
+    try:  # progress on stderr: bars on a terminal, plain lines elsewhere, none with --quiet
+        with progress.reporting(progress.for_stream(quiet=getattr(args, "quiet", False))):
+            return args.func(args)
     except ArcompileError as e:
         if args.debug:
             raise

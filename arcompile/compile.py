@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from arcompile import progress
 from arcompile.errors import ArcompileError
 from arcompile.ir.verify import verify
 from arcompile.passes import NumericCheckHook, PassManager, PassRecord, VerifyHook, build_pipeline
@@ -161,15 +162,17 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     else:
         loaded = load_model(model, example_inputs=example_inputs, log=say)
     say("converting to IR")
-    graph = from_exported_program(loaded.program, name=loaded.config.get("name") or "model")
-    verify(graph)
+    with progress.step("converting to IR"):
+        graph = from_exported_program(loaded.program, name=loaded.config.get("name") or "model")
+        verify(graph)
     nodes_traced = len(graph)
     vocab = loaded.config.get("vocab_size") or graph.outputs[0].shape[-1]
     sample = _sample_tokens(int(vocab))
 
     checks = [VerifyHook()]
     if check_numerics:
-        checks.append(NumericCheckHook(graph, [sample]))
+        with progress.step("reference logits for the numeric checks (interpreter)"):
+            checks.append(NumericCheckHook(graph, [sample]))
     say(f"running {len(pipeline)} passes on {nodes_traced} nodes")
     records = PassManager(pipeline, checks + list(hooks), log=say).run(graph)
     cache_layout, refused = None, None
@@ -262,9 +265,12 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
     say = log or (lambda _msg: None)
     with staging_dir(Path(output_dir)) as tmp:
         say("lowering to ONNX")
-        io = lower_to_onnx(graph, tmp)
+        with progress.step("lowering to ONNX, writing weights"):
+            io = lower_to_onnx(graph, tmp)
         cache_layout = _cache_manifest(graph, io) if graph.meta.get("kv_cache") else None
-        diff = _check_lowering(graph, tmp, sample) if sample is not None else float("nan")
+        with progress.step("checking ONNX Runtime against the interpreter",
+                           echo=sample is not None):
+            diff = _check_lowering(graph, tmp, sample) if sample is not None else float("nan")
         if sample is not None:
             say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
         if tokenizer is not None:

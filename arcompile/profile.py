@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from arcompile import progress
 from arcompile.errors import ArcompileError
 from arcompile.passes.manager import Hook, PassRecord
 
@@ -79,7 +80,8 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
                   + (1 if quantization.get("skip") else 0))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, log=say)
     say("computing the eager PyTorch reference")
-    ref = _reference(loaded, prompt_tokens, agreement_tokens, held_tokens)
+    with progress.step("eager PyTorch reference"):
+        ref = _reference(loaded, prompt_tokens, agreement_tokens, held_tokens)
 
     with tempfile.TemporaryDirectory(prefix="arcompile-profile-") as tmp:
         work = Path(tmp)
@@ -95,14 +97,17 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
                 f"({len(graph)} nodes) ...")
             start = time.perf_counter()
             folder = work / f"{index:02d}-{name}"
-            write_engine(graph, folder, loaded, [])
-            lower_s = time.perf_counter() - start
+            with progress.step(f"profile row {index}/{max(index, total_rows)}: {name}"):
+                write_engine(graph, folder, loaded, [])
+                lower_s = time.perf_counter() - start
+                with progress.step("measuring (worker process)", echo=False):
+                    measured = _run_worker({**request, "engine": str(folder)})
             row = {"pass": name, "nodes": len(graph),
                    "compile_s": record.seconds if record else 0.0, "lower_s": lower_s,
                    "kv_cache": bool(graph.meta.get("kv_cache")),
                    "engine_mb": sum(f.stat().st_size for f in folder.rglob("*")
                                     if f.is_file()) / 2**20,
-                   **_run_worker({**request, "engine": str(folder)})}
+                   **measured}
             say(f"      prefill {row['prefill_ms']:.1f} ms, decode {row['decode_ms_p50']:.1f} "
                 f"ms/token, max|Δlogit| {row['max_abs_logit_diff']:.2g}, "
                 f"ppl {row['perplexity']:.3f}")

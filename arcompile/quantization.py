@@ -133,7 +133,10 @@ def graph_logits(graph, ids: list[int]) -> np.ndarray:
     from arcompile.calibration import graph_inputs
     from arcompile.ir.interpreter import run_graph
 
-    return run_graph(graph, graph_inputs(graph, ids))[0][0].float().numpy()
+    from arcompile import progress
+
+    with progress.step(f"perplexity forward on {len(ids)} tokens (interpreter)"):
+        return run_graph(graph, graph_inputs(graph, ids))[0][0].float().numpy()
 
 
 def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: float | None,
@@ -430,9 +433,12 @@ def check_engine(folder: Path, info: dict) -> float:
     from arcompile.engine import Engine
     from arcompile.profile_measure import perplexity
 
+    from arcompile import progress
+
     ids = info["_ids"]
-    eng = Engine(folder, check_hashes=False)
-    got = perplexity(eng.logits([ids])[0], ids)
+    with progress.step(f"ONNX Runtime perplexity on {len(ids)} tokens"):
+        eng = Engine(folder, check_hashes=False)
+        got = perplexity(eng.logits([ids])[0], ids)
     gap = abs(got / info["perplexity"] - 1)
     if not gap <= LOWERING_PPL_RTOL:
         raise ArcompileError(f"the lowered quantized model's perplexity {got:.3f} differs from "

@@ -112,15 +112,18 @@ class SpeculationStats:
 def speculative_steps(step: Step, cache: list, prompt: list[int], max_new_tokens: int,
                       draft: Draft, draft_tokens: int, stats: SpeculationStats,
                       eos_token_id: int | Sequence[int] | None = None,
-                      trim: Callable[[list, int], list] | None = None) -> Iterator[int]:
+                      trim: Callable[[list, int], list] | None = None,
+                      start: int = 0) -> Iterator[int]:
     """Yield the greedy continuation of ``prompt`` token by token (see the module docstring).
 
-    ``cache``: empty, with room for the prompt plus ``max_new_tokens``. ``trim(cache, n)``
-    keeps the first n rows (the concat runtime); None: rows past P are simply not read."""
+    ``cache``: empty, with room for the prompt plus ``max_new_tokens``; or, with ``start``,
+    already holding the rows of ``prompt[:start]`` (a chat's earlier turns), so only the rest
+    is prefilled. ``trim(cache, n)`` keeps the first n rows (the concat runtime); None: rows
+    past P are simply not read."""
     stops = stop_set(eos_token_id)
     if max_new_tokens <= 0:
         return
-    logits, cache = step(np.array([prompt], dtype=np.int64), 0, cache, 1)
+    logits, cache = step(np.array([prompt[start:]], dtype=np.int64), start, cache, 1)
     last = int(np.argmax(logits[0, -1]))
     context = list(prompt) + [last]
     stats.tokens = 1

@@ -65,6 +65,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import arcompile  # noqa: E402
+from arcompile import progress  # noqa: E402
 from arcompile.frontend.load import find_smollm2_gguf, load_model  # noqa: E402
 from arcompile.passes.pipeline import PRESETS  # noqa: E402
 from arcompile.profile_measure import perplexity  # noqa: E402
@@ -105,7 +106,7 @@ class System:
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    progress.log(message)  # stderr: above the bars on a terminal, plain lines elsewhere
 
 
 def default_path(option: str | None, env: str, fallback: str) -> str | None:
@@ -353,7 +354,7 @@ def measure(systems: list[System], prompts: dict[str, list[int]], args) -> list[
     live = lambda: [s for s in systems if s.skip is None]  # noqa: E731
     new_for = lambda s: args.uncached_new_tokens if s.uncached else args.new_tokens  # noqa: E731
     log("warming up (first runs allocate, and torch.compile compiles) ...")
-    for system in live():
+    for system in progress.track(live(), "warming up", unit="systems"):
         system.new_tokens = new_for(system)
         compiled = system.key == "torch_compile"
         timeout = args.compile_timeout if compiled else args.peer_timeout
@@ -375,7 +376,7 @@ def measure(systems: list[System], prompts: dict[str, list[int]], args) -> list[
             if system.skip is not None:
                 break
     load: list[list[float]] = []
-    for r in range(args.repeats):
+    for r in progress.track(range(args.repeats), "timed repeats", unit="repeats"):
         load.append([round(os.getloadavg()[0], 2)])
         order = live()
         order = order[r % len(order):] + order[:r % len(order)] if order else order
@@ -393,7 +394,7 @@ def measure(systems: list[System], prompts: dict[str, list[int]], args) -> list[
 def measure_perplexity(systems: list[System], tokenizer) -> None:
     """Each live system's perplexity on the quantization gate's held-out tokens."""
     ids, _ = held_ids(tokenizer, 0)
-    for system in systems:
+    for system in progress.track(systems, "perplexity per system", unit="systems"):
         if system.skip is not None or system.score is None:
             continue
         log(f"perplexity of {system.key} on {len(ids)} held-out tokens ...")
@@ -490,6 +491,7 @@ def main() -> None:
         parser.error("--new-tokens and --uncached-new-tokens must be at least 3 (2 steps)")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    progress.install(progress.for_stream())  # bars on a terminal, plain lines elsewhere
 
     gguf = find_smollm2_gguf()
     log(f"loading {gguf.name} ...")

@@ -11,12 +11,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.export import ExportedProgram
 
+from arcompile import progress
 from arcompile.errors import ArcompileError, ModelLoadError
 from arcompile.frontend.export import LogitsOnly, export_module
 from arcompile.frontend.load_errors import first_line
@@ -48,7 +50,8 @@ def find_smollm2_gguf() -> Path:
 def load_hf_folder(folder: Path, log: Callable[[str], None]):
     """(program, tokenizer or None, config dict, eager module) for a Hugging Face model folder."""
     log(f"loading Hugging Face model from {folder} ...")
-    model = _from_pretrained(folder, {}, folder.name)
+    with progress.step(f"loading {folder.name}"):
+        model = _from_pretrained(folder, {}, folder.name)
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = _tokenizer(folder, {}, folder.name, log)
@@ -61,8 +64,9 @@ def load_gguf(path: Path, log: Callable[[str], None]):
     """(program, tokenizer, config dict, eager module) for a GGUF file, dequantized to fp32."""
     log(f"loading GGUF {path.name} (dequantizing to fp32) ...")
     kwargs = {"gguf_file": path.name}
-    model = _from_pretrained(path.parent, kwargs, path.name)
-    tokenizer = _tokenizer(path.parent, kwargs, path.name, log)
+    with progress.step(f"loading {path.name} (dequantizing)"):
+        model = _from_pretrained(path.parent, kwargs, path.name)
+        tokenizer = _tokenizer(path.parent, kwargs, path.name, log)
     module = LogitsOnly(model).eval()
     return (_export(module, path.name, log), tokenizer, hf_config(model, tokenizer, path.stem),
             module)
@@ -94,7 +98,7 @@ def hf_config(model: torch.nn.Module, tokenizer: Any, name: str) -> dict:
 def _from_pretrained(folder: Path, kwargs: dict, source: str) -> torch.nn.Module:
     transformers = _transformers(source, gguf="gguf_file" in kwargs)
     try:
-        with unpickling_refused(), warnings.catch_warnings():
+        with unpickling_refused(), warnings.catch_warnings(), _no_library_bars(transformers):
             warnings.simplefilter("ignore")
             model = transformers.AutoModelForCausalLM.from_pretrained(
                 str(folder), dtype=torch.float32, trust_remote_code=False,
@@ -141,7 +145,34 @@ def _tokenizer(folder: Path, kwargs: dict, source: str, log: Callable[[str], Non
 def _export(module: LogitsOnly, source: str, log: Callable[[str], None]) -> ExportedProgram:
     log(f"exporting {source} with torch.export ...")
     vocab = hf_config(module.model, None, source)["vocab_size"]
-    return export_module(module, vocab_size=vocab)
+    with progress.step("exporting with torch.export"):
+        return export_module(module, vocab_size=vocab)
+
+
+@contextmanager
+def _no_library_bars(transformers):
+    """transformers' own tqdm bars off while it loads: arcompile's progress steps show the
+    load, and tqdm's carriage returns would reach pipes and CI logs. Its GGUF loop calls
+    ``tqdm`` by itself (not through transformers' switch), so that name is pointed at a
+    progress step of ours for the while: a count of the tensors dequantized."""
+    bars = transformers.utils.logging
+    was = bars.is_progress_bar_enabled()
+    bars.disable_progress_bar()
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no gguf support installed: nothing of it runs
+        gguf_utils = None
+    own = getattr(gguf_utils, "tqdm", None)
+    if own is not None:
+        gguf_utils.tqdm = lambda items, *args, **kwargs: progress.track(
+            items, "dequantizing GGUF tensors", unit="tensors")
+    try:
+        yield
+    finally:
+        if own is not None:
+            gguf_utils.tqdm = own
+        if was:
+            bars.enable_progress_bar()
 
 
 def _transformers(source: str, gguf: bool = False):

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch.export import ExportedProgram
 
+from arcompile import progress
 from arcompile.errors import ModelLoadError
 from arcompile.frontend.contract import check_contract, normalize
 from arcompile.frontend.detect import Sniffed, sniff
@@ -75,10 +76,12 @@ def _from_path(path: Path, example_inputs: tuple | None, log) -> LoadedModel:
     if sniffed.kind == "pickle":
         raise _pickle_refusal(path, sniffed)
     if sniffed.kind == "torch.export":
-        program = load_export_archive(path, sniffed.root)
+        with progress.step(f"loading {path.name}"):
+            program = load_export_archive(path, sniffed.root)
         config["name"] = path.stem
     elif sniffed.kind == "torchscript":
-        program = load_torchscript(path, example_inputs, log)
+        with progress.step(f"converting {path.name} (TorchScript) with torch.export"):
+            program = load_torchscript(path, example_inputs, log)
         config["name"] = path.stem
     elif sniffed.kind == "huggingface":
         program, tokenizer, config, module = load_hf_folder(path, log)
@@ -103,7 +106,8 @@ def _from_module(module: torch.nn.Module, example_inputs: tuple | None, log) -> 
             raise ModelLoadError(f"cannot tell the vocab size of {type(module).__name__} (no "
                                  "nn.Embedding); pass example_inputs=(tokens,)")
     log(f"exporting {type(module).__name__} with torch.export ...")
-    program = export_module(module, example_inputs, vocab_size=vocab)
+    with progress.step("exporting with torch.export"):
+        program = export_module(module, example_inputs, vocab_size=vocab)
     return _finish(program, "<nn.Module>", "module", None, None, config, module, log)
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from arcompile.errors import ArcompileError, PassError
+from arcompile.progress import PassProgressHook
 from arcompile.ir.graph import Graph
 from arcompile.ir.verify import verify
 from arcompile.passes.base import Pass, PassResult
@@ -82,7 +83,8 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass], hooks: Sequence[Hook] = (),
                  log: Callable[[str], None] | None = None):
         self.passes = list(passes)
-        self.hooks = list(hooks)
+        # progress last: its step spans the pass and the other hooks' checks after it
+        self.hooks = [*hooks, PassProgressHook()]
         self.log = log
 
     def run(self, graph: Graph) -> list[PassRecord]:

@@ -66,6 +66,7 @@ from typing import Collection, Sequence
 
 import torch
 
+from arcompile import progress
 from arcompile.calibration import observe_inputs
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.base import Pass, PassResult
@@ -241,7 +242,10 @@ class QuantizeWeights(Pass):
             self.timings["calibration"] = time.perf_counter() - start
         start = time.perf_counter()
         done: dict[tuple, list[Value]] = {}  # this run's quantized weights, by source
-        for node in graph.nodes():
+        # progress per node: the linears are spread evenly through the layers, so the rate
+        # and estimate follow GPTQ's per-layer work
+        for node in progress.track(graph.nodes(), f"quantizing weights ({self.method})",
+                                   unit="nodes"):
             if node not in graph:
                 continue
             m = self._match(graph, node)
