@@ -322,6 +322,17 @@ def add_transform_options(p: argparse.ArgumentParser) -> None:
                         "gets a run-time flag (`run --skip`, `run --speculative self`)")
 
 
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """Sampling, the stop token and threads: the same for ``run`` and ``chat``."""
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+
+
 def add_quiet_option(p: argparse.ArgumentParser, result: str) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help=f"no progress: print only errors (stderr) and {result} (stdout)")
@@ -390,13 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chat", action="store_true", help="wrap --prompt in the chat template")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    r.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int)
-    r.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
-    r.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    add_sampling_options(r)
     r.add_argument("--skip", type=_skip_fraction, nargs="?", const=True, metavar="FRACTION",
                    help="lossy layer skipping (an engine optimized with --skip): the engine's "
                         "choice, or the top FRACTION of its ranking of feed-forward blocks")
@@ -422,13 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("engine", help="engine directory with a tokenizer that has a chat template")
     c.add_argument("--system", help="a system message to start the conversation with")
     c.add_argument("--max-new-tokens", type=int, default=256, help="per reply (256)")
-    c.add_argument("--do-sample", action="store_true", help="sample instead of greedy")
-    c.add_argument("--temperature", type=float, default=1.0)
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--seed", type=int)
-    c.add_argument("--eos-token-id", type=int, help="stop token (default: the tokenizer's)")
-    c.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    add_sampling_options(c)
     c.add_argument("--speculative",
                    choices=("self", "ngram", "draft", "ngram+self", "ngram+draft"),
                    help="lossless speculative greedy decoding, as in `run` (the in-place "
