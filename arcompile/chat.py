@@ -85,7 +85,6 @@ class ChatSession:
         self._ids: list[int] = []  # the tokens whose rows the cache holds
         self._cache = None
         self._reply: list[int] = []  # the reply being generated (or cut off)
-        self.engine._release()
 
     def say(self, text: str) -> Iterator[str]:
         """The reply to ``text``, as pieces of text while it is generated."""
@@ -163,7 +162,9 @@ class ChatSession:
             return
         import onnxruntime as ort
 
-        grown = []
+        from arcompile.runtimes.onnxruntime.inplace_step import Buffers
+
+        grown = Buffers()  # its own I/O bindings, as the engine's buffers carry theirs
         for old in self._cache:  # the kept rows, copied once per doubling
             rows = old.numpy()
             array = np.zeros((*rows.shape[:2], capacity, *rows.shape[3:]), dtype=rows.dtype)
