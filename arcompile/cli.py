@@ -162,6 +162,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    import signal
+
+    # Ctrl-C stops a reply even when chat was started with SIGINT ignored (a shell's `cmd &`
+    # passes that on, and Python then installs no handler of its own)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     eng = load(args.engine, threads=args.threads)
     session = ChatSession(eng, system=args.system, max_new_tokens=args.max_new_tokens,
                           do_sample=args.do_sample, temperature=args.temperature,
