@@ -17,7 +17,7 @@ import arcompile
 import tiny_models as tm
 from arcompile import engine as engine_module
 from arcompile.cli import main
-from arcompile.errors import ArcompileError, DecodeError
+from arcompile.errors import ArcompileError
 
 PROMPT = [5, 17, 42, 8]
 TOP = tm.VOCAB - 1
