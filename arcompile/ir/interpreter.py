@@ -136,13 +136,12 @@ def evaluate_node(node: Node, args: list[Any], widen: bool = False) -> Any:
 
     attrs = {k: resolve(v, tuple(args)) for k, v in node.attrs.items()}
     if widen:
-        attrs = {k: (_widen(v) if _names_dtype(k, v) else v) for k, v in attrs.items()}
+        attrs = _widen_dtypes(attrs)
     if node.op.startswith("sym."):  # operands a0, a1, ...: Values or literals
         return _SYM_FUNCS[node.op](*(attrs[f"a{i}"] for i in range(len(attrs))))
     if node.op.startswith("arc."):
-        keyword = node.attrs if not widen else {
-            k: (_widen(v) if _names_dtype(k, v) else v) for k, v in node.attrs.items()}
-        return reference_impl(node.op)(*args, **keyword)
+        return reference_impl(node.op)(*args, **(_widen_dtypes(node.attrs) if widen
+                                                  else node.attrs))
     from arcompile.frontend.from_export import resolve_op
 
     if node.op in _RESHAPES:
@@ -172,6 +171,11 @@ def evaluate_exact(node: Node, args: list[Any]) -> Any:
         return evaluate_node(node, [_widen(a) for a in args], widen=True)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def _widen_dtypes(attrs: dict) -> dict:
+    """``attrs`` with every attribute that picks a floating dtype made float64."""
+    return {k: (_widen(v) if _names_dtype(k, v) else v) for k, v in attrs.items()}
 
 
 def _names_dtype(name: str, value: Any) -> bool:
