@@ -17,8 +17,9 @@ at a sequence's first token) would otherwise set ``x_scale`` for every channel.
 
 ``x_scale`` and ``x_zero_point`` are attributes, fixed when the graph was calibrated: no
 statistic of ``x`` is taken at run time. ``weight_q_KN`` is int8 ``[K, N]`` (the layout
-ONNX MatMul reads, so the backend dequantizes it per column ``n``), symmetric (codes
--127..127, no zero point), ``weight_scale_N`` float ``[N]``, ``bias`` ``[N]``. This is
+ONNX MatMul reads, so the backend dequantizes it per column ``n``), symmetric (no zero
+point; ``quantize_w8a8`` writes codes -63..63, which any int8 code range here allows),
+``weight_scale_N`` float ``[N]``, ``bias`` ``[N]``. This is
 exactly what QuantizeLinear / DequantizeLinear / MatMul compute in ONNX (the lowering,
 ``runtimes/onnxruntime/ops_arc_qdq.py``); a backend that runs the product in integers gets
 the same numbers up to float rounding of the final scaling.
