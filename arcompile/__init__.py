@@ -14,16 +14,16 @@ from arcompile.errors import ArcompileError  # noqa: E402
 def optimize(model, output_dir, example_inputs=None, **options):
     """Optimize a model (path, nn.Module or ExportedProgram) into an engine directory.
 
-    See ``arcompile.compile.optimize`` for the options.
+    See ``arcompile.compiler.optimize.optimize`` for the options.
     """
-    from arcompile.compile import optimize as _optimize
+    from arcompile.compiler.optimize import optimize as _optimize
 
     return _optimize(model, output_dir, example_inputs=example_inputs, **options)
 
 
 def load(path, threads=None):
-    """Open an engine directory; see ``arcompile.engine.Engine``."""
-    from arcompile.engine import load as _load
+    """Open an engine directory; see ``arcompile.serve.engine.Engine``."""
+    from arcompile.serve.engine import load as _load
 
     return _load(path, threads=threads)
 

@@ -1,5 +1,5 @@
 import sys
 
-from arcompile.cli import main
+from arcompile.cli.main import main
 
 sys.exit(main())

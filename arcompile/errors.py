@@ -35,3 +35,13 @@ class EngineError(ArcompileError):
 
 class DecodeError(ArcompileError):
     """Generation was asked for something the engine cannot do."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (at most 300 characters), or its
+    type's name when the message is empty. A final full stop is dropped."""
+    for line in str(e).splitlines():
+        if line.strip():
+            # callers append "; what to do", so a final full stop would read twice
+            return line.strip()[:300].rstrip(".")
+    return type(e).__name__

@@ -141,7 +141,13 @@ class RichReporter(Reporter):
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__()
         from rich.console import Console
-        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = Console(file=stream or sys.stderr, highlight=False)
         self._progress = Progress(

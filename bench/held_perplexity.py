@@ -1,7 +1,7 @@
 """Perplexity of each benchmarked system on the same held-out text, so speed and accuracy are
 read side by side.
 
-The text is the one the quantization gate uses (``arcompile.quantization.held_ids``: 512
+The text is the one the quantization gate uses (``arcompile.eval.metrics.held_ids``: 512
 tokens of the held-out region of ``pydoc_data.topics``), scored as one teacher-forced
 forward pass of each system: arcompile's engines through ``Engine.logits``, transformers
 eager in this process, llama.cpp in its worker (``llamacpp_decode.py``'s ``score``), and ONNX

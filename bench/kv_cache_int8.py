@@ -37,7 +37,7 @@ def decode_ms(eng, prompt: list[int], steps: int) -> float:
 
 
 def perplexity(eng, ids: list[int]) -> float:
-    from arcompile.profile_measure import perplexity as ppl
+    from arcompile.eval.metrics import perplexity as ppl
 
     return float(ppl(eng.logits([ids])[0], ids))
 
@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import arcompile
-    from arcompile import heldtext
+    from arcompile.eval import heldtext
 
     engines = {"float32": arcompile.load(args.float_engine, threads=args.threads),
                "int8": arcompile.load(args.int8_engine, threads=args.threads)}

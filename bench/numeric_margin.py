@@ -33,11 +33,17 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from arcompile.ir.cached_step import cached_decode
 from arcompile.ir.graph import Graph  # noqa: E402
 from arcompile.ir.ops import register  # noqa: E402
-from arcompile.passes.insert_kv_cache import _copy_graph, cached_decode, rewrite  # noqa: E402
-from arcompile.passes.numeric_check import (CHECK_DTYPE, EXACT, gap, relative_gap,  # noqa: E402
-                                            run_exact)
+from arcompile.passes.insert_kv_cache import rewrite  # noqa: E402
+from arcompile.passes.numeric_check import (  # noqa: E402
+    CHECK_DTYPE,
+    EXACT,
+    gap,
+    relative_gap,
+    run_exact,
+)
 
 WIDE_ATTENTION = "arc.attention_one_column_wide"  # registered here only: a wrong rewrite
 
@@ -59,7 +65,7 @@ def positions_off_by_one(cached: Graph) -> Graph:
     """A copy of the cached step that places the tokens after a cached prefix one position
     too far (``past_length + 1`` whenever ``past_length > 0``). A shift of every position
     alike would be no bug for rotary models, whose attention sees only relative positions."""
-    work = _copy_graph(cached)
+    work = cached.copy()
     name = work.meta["kv_cache"]["past_length"]
     past = next(v for v in work.inputs if v.name == name)
     uses = list(past.uses())
@@ -74,7 +80,7 @@ def positions_off_by_one(cached: Graph) -> Graph:
 
 def mask_one_column_wide(graph: Graph) -> Graph:
     """A copy of the fused (uncached) graph whose attentions see one future token."""
-    work = _copy_graph(graph)
+    work = graph.copy()
     for node in work.nodes():
         if node.op == "arc.attention":
             node.op = WIDE_ATTENTION
@@ -84,7 +90,7 @@ def mask_one_column_wide(graph: Graph) -> Graph:
 def measure(graph: Graph, vocab: int, length: int = 8, split: int = 3, batch: int = 2,
             seed: int = 0) -> dict:
     """The figures of the module docstring for a fused, uncached ``graph``."""
-    cached = _copy_graph(graph)
+    cached = graph.copy()
     rewrite(cached, "insert_kv_cache")
     tokens = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
     chunks = [tokens[:, :split], tokens[:, split:]]

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from onnx import helper, TensorProto as TP
+from onnx import TensorProto as TP
+from onnx import helper
+
 B, Hq, Hkv, D, MAX = 2, 9, 3, 64, 64
 def model():
     inputs = [helper.make_tensor_value_info("q", TP.FLOAT, [B, "S", Hq*D]),

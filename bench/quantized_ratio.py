@@ -131,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import arcompile
-    from arcompile import heldtext
+    from arcompile.eval import heldtext
 
     paths = [args.fp32_engine, *args.engines]
     engines = {p: arcompile.load(p, threads=args.threads) for p in paths}

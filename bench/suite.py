@@ -64,18 +64,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-import arcompile  # noqa: E402
-from arcompile import progress  # noqa: E402
-from arcompile.frontend.load import find_smollm2_gguf, load_model  # noqa: E402
-from arcompile.passes.pipeline import PRESETS  # noqa: E402
-from arcompile.profile_measure import perplexity  # noqa: E402
-from arcompile.quantization import HELD_TOKENS, held_ids  # noqa: E402
 from decode_latency import prompt_ids  # noqa: E402
 from held_perplexity import genai_logits  # noqa: E402
 from peer_protocol import time_tokens  # noqa: E402
 from peer_worker import PeerFailed, PeerWorker  # noqa: E402
 from suite_report import machine, markdown, versions  # noqa: E402
 from transformers_timing import time_generate  # noqa: E402
+
+import arcompile  # noqa: E402
+from arcompile import progress  # noqa: E402
+from arcompile.eval.metrics import (  # noqa: E402
+    HELD_TOKENS,
+    held_ids,
+    perplexity,  # noqa: E402
+)
+from arcompile.frontend.load import find_smollm2_gguf, load_model  # noqa: E402
+from arcompile.passes.pipeline import PRESETS  # noqa: E402
 
 REFERENCE = "transformers_cached"  # greedy tokens are compared with eager's
 BASELINE = "arcompile_default"  # decode ratios are to the shipping engine

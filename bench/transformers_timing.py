@@ -13,9 +13,8 @@ import time
 from typing import Any
 
 import torch
-from transformers.generation.streamers import BaseStreamer
-
 from peer_protocol import summarize
+from transformers.generation.streamers import BaseStreamer
 
 
 class StampStreamer(BaseStreamer):

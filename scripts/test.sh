@@ -16,6 +16,17 @@ if [[ -n "$free_mb" && "$free_mb" -lt 3000 ]]; then
   echo "test.sh: warning: $tmp_dir has ${free_mb} MB free; the suite needs about 2 GB there at its peak" >&2
 fi
 
+# The floors of arcompile/ import one way (the contracts in pyproject.toml): an upward import
+# fails here, before the tests, with the line that made it.
+lint_log=$(mktemp)
+if ! lint-imports --no-cache >"$lint_log" 2>&1; then
+  sed -n '/Broken contracts/,$p' "$lint_log" >&2
+  rm -f "$lint_log"
+  echo "test.sh: lint-imports found an import that runs against the layers (see above)" >&2
+  exit 1
+fi
+rm -f "$lint_log"
+
 status=0
 python -m pytest -q "$@" || status=$?
 if [[ $status -eq 5 ]]; then

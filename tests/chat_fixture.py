@@ -35,8 +35,9 @@ def chat_tokenizer(folder: Path, vocab: int = 512) -> Path:
 
 def chat_engine(folder: Path, **options) -> Path:
     """The tiny LLaMA optimized with that tokenizer into ``folder / "engine"``."""
-    import arcompile
     import tiny_models as tm
+
+    import arcompile
 
     tokenizer = chat_tokenizer(folder / "tokenizer")
     out = folder / "engine"

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from chat_fixture import chat_engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +35,7 @@ def _tokens(tok, text: str) -> list[int]:
 @pytest.mark.parametrize("kind", ["inplace", "concat"])
 def test_second_turn_prefills_only_the_new_text(engines, kind):
     import arcompile
-    from arcompile.chat import ChatSession
+    from arcompile.serve.chat import ChatSession
 
     eng = arcompile.load(engines(kind))
     tok = eng.tokenizer
@@ -63,7 +62,7 @@ def test_cached_turns_match_recomputing_the_conversation(engines):
     """The reply to the second turn, from the cache, is the one a fresh greedy decode of the
     whole rendered conversation gives; and an engine without a cache says it recomputes."""
     import arcompile
-    from arcompile.chat import ChatSession
+    from arcompile.serve.chat import ChatSession
 
     cached = ChatSession(arcompile.load(engines("inplace")), max_new_tokens=5)
     plain = ChatSession(arcompile.load(engines("uncached")), max_new_tokens=5)
@@ -78,8 +77,8 @@ def test_reset_and_the_buffers_growing(engines):
     """Buffers that grow between turns keep the rows: the same replies as buffers that were
     big enough from the start; /reset starts a conversation afresh."""
     import arcompile
-    from arcompile import chat
-    from arcompile.chat import ChatSession
+    from arcompile.serve import chat
+    from arcompile.serve.chat import ChatSession
 
     eng = arcompile.load(engines("inplace"))
     roomy = ChatSession(eng, max_new_tokens=4)
@@ -147,7 +146,7 @@ def test_chat_in_a_terminal(engines):
 
 SLOW_TOKENS = """
 import time
-import arcompile.chat as chat
+import arcompile.serve.chat as chat
 
 _decode = chat.ChatSession._decode
 
@@ -194,8 +193,8 @@ def test_uncached_engine_says_it_recomputes(engines):
 
 def test_engine_without_chat_template_is_refused(engines):
     import arcompile
-    from arcompile.chat import ChatSession
     from arcompile.errors import EngineError
+    from arcompile.serve.chat import ChatSession
 
     eng = arcompile.load(engines("inplace"))
     eng.tokenizer.chat_template = None
@@ -213,8 +212,8 @@ def test_speculative_chat_is_greedy_chat(engines):
     """--speculative (n-gram lookup: it needs only the cache) drafts from where the
     conversation stands; the replies are greedy's, turn after turn, and so are the prefills."""
     import arcompile
-    from arcompile.chat import ChatSession
     from arcompile.errors import DecodeError
+    from arcompile.serve.chat import ChatSession
 
     eng = arcompile.load(engines("inplace"))
     plain = ChatSession(eng, max_new_tokens=12)
@@ -233,7 +232,7 @@ def test_speculative_chat_with_the_engines_own_drafter(engines):
     """--speculative self on an engine optimized with --self-draft int4: its int4 copy drafts
     into the conversation's buffers; the replies are still greedy's."""
     import arcompile
-    from arcompile.chat import ChatSession
+    from arcompile.serve.chat import ChatSession
 
     eng = arcompile.load(engines("self_draft"))
     plain = ChatSession(eng, max_new_tokens=10)

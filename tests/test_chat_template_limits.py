@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from arcompile.chat_template import MAX_SECONDS, render
 from arcompile.errors import EngineError
+from arcompile.serve.chat_template import MAX_SECONDS, render
 
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
           "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
@@ -68,7 +68,7 @@ def test_hostile_templates_fail_fast_without_allocating(name):
 
 def test_engine_encode_uses_the_bounded_renderer(tmp_path):
     """``Engine.encode(chat=True)`` (``run --chat``) goes through ``render``."""
-    import arcompile.engine as engine_module
+    import arcompile.serve.engine as engine_module
 
     class Fake:
         _tokenizer = hf_tokenizer(HOSTILE["nested loops"])

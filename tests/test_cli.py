@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import tiny_models as tm
 import torch
 
 import arcompile
-import tiny_models as tm
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import EngineError
 
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
 
 import arcompile
-import tiny_models as tm
-from arcompile.decoding import Sampler
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.frontend.load import load_model
 from arcompile.ir import run_graph
+from arcompile.serve.decoding import Sampler
 
 PROMPTS = [[5, 17, 42, 8, 99, 3], [7, 300, 12]]
 

@@ -12,9 +12,9 @@ import weakref
 
 import numpy as np
 import pytest
+import tiny_models as tm
 
 import arcompile
-import tiny_models as tm
 
 THREADS, REQUESTS = 4, 20
 

@@ -11,13 +11,13 @@ import time
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
 
 import arcompile
-import tiny_models as tm
-from arcompile import engine as engine_module
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import ArcompileError
+from arcompile.serve import engine as engine_module
 
 PROMPT = [5, 17, 42, 8]
 TOP = tm.VOCAB - 1
@@ -74,7 +74,7 @@ def test_an_engine_without_a_named_context_is_bounded(engines):
     eng = engines["uncached"]
     assert eng.manifest["kv_cache"] is None and "max_position_embeddings" not in eng.config
     assert eng.max_context == engine_module.DEFAULT_MAX_CONTEXT == 2048
-    from arcompile.compile import DEFAULT_MAX_CONTEXT
+    from arcompile.compiler.optimize import DEFAULT_MAX_CONTEXT
 
     assert DEFAULT_MAX_CONTEXT == engine_module.DEFAULT_MAX_CONTEXT  # optimize's default too
     start = time.perf_counter()

@@ -20,10 +20,10 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS.parent))
 
 import pytest  # noqa: E402
+import tiny_models  # noqa: E402
 import torch  # noqa: E402
 from torch.export import Dim  # noqa: E402
 
-import tiny_models  # noqa: E402
 from arcompile.errors import ModelLoadError, UnsafeModelError  # noqa: E402
 from arcompile.frontend import huggingface  # noqa: E402
 from arcompile.frontend.contract import unreadable_nodes  # noqa: E402

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from helpers import ops, run_onnx, to_ir
 
-import tiny_models as tm
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.frontend.load import load_model
 from arcompile.ir import verify
@@ -25,7 +26,6 @@ from arcompile.passes.fuse_attention import FuseAttention
 from arcompile.passes.remove_noops import RemoveNoOps
 from arcompile.runtimes.onnxruntime import ops_arc_attention
 from arcompile.runtimes.onnxruntime.session import make_session
-from helpers import ops, run_onnx, to_ir
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]])
 ATTRS = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "scale": 1 / math.sqrt(8),

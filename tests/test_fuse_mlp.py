@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
+from tiny_models import llama, nanogpt
 
 from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
@@ -15,8 +17,6 @@ from arcompile.passes.cse import CommonSubexpressionElimination
 from arcompile.passes.dce import DeadCodeElimination
 from arcompile.passes.fuse_mlp import FuseGatedMLP
 from arcompile.passes.remove_noops import RemoveNoOps
-from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
-from tiny_models import llama, nanogpt
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 H, I = 16, 24  # hidden, intermediate

@@ -4,12 +4,12 @@ and negatives (another dim, no eps, a shared intermediate) that must stay as the
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
-import torch
-
 import tiny_models
+import torch
+from helpers import ops, run_onnx, to_ir
+
 from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.ir import run_graph, verify
@@ -20,7 +20,6 @@ from arcompile.passes.cse import CommonSubexpressionElimination
 from arcompile.passes.dce import DeadCodeElimination
 from arcompile.passes.fuse_norms import FuseNorms
 from arcompile.passes.remove_noops import RemoveNoOps
-from helpers import ops, run_onnx, to_ir
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 OTHER_TOKENS = torch.tensor([[7, 1, 8, 2, 8, 1, 8], [2, 8, 4, 5, 9, 0, 4]])

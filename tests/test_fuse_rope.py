@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
+from tiny_models import gpt_neox, gptj, llama
 
 from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
@@ -16,8 +18,6 @@ from arcompile.passes.dce import DeadCodeElimination
 from arcompile.passes.fuse_rope import FuseRope
 from arcompile.passes.manager import NumericCheckHook, PassManager, VerifyHook
 from arcompile.passes.remove_noops import RemoveNoOps
-from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
-from tiny_models import gpt_neox, gptj, llama
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5, 9], [2, 6, 5, 3, 5, 8]])
 NH, D = 2, 8  # heads, head dim

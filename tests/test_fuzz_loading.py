@@ -23,9 +23,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
 import tiny_models  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st
+
 from arcompile.errors import ArcompileError  # noqa: E402
 from arcompile.frontend.export import export_module  # noqa: E402
 from arcompile.frontend.load import load_model  # noqa: E402

@@ -5,19 +5,20 @@ what the rewrite adds, and refusals that leave the graph exactly as it was."""
 from __future__ import annotations
 
 import numpy as np
+import tiny_models as tm
 import torch
 import torch.nn.functional as F
+from helpers import ops, to_ir
 
-import tiny_models as tm
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.frontend.load import load_model
 from arcompile.ir import print_graph, verify
+from arcompile.ir.cached_step import past_inputs, step_inputs
 from arcompile.ir.graph import Graph
 from arcompile.ir.interpreter import run_graph
 from arcompile.passes import PassManager, VerifyHook, build_pipeline
 from arcompile.passes.dce import DeadCodeElimination
-from arcompile.passes.insert_kv_cache import InsertKVCache, past_inputs, step_inputs
-from helpers import ops, to_ir
+from arcompile.passes.insert_kv_cache import InsertKVCache
 
 EXAMPLE = torch.randint(0, tm.VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
 STEPS = 16

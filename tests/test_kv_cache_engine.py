@@ -11,15 +11,15 @@ import json
 
 import numpy as np
 import pytest
-import torch
-
-import arcompile
 import tiny_models as tm
-from arcompile.cli import main
-from arcompile.errors import DecodeError
-from arcompile.runtimes.engine_dir import MANIFEST
+import torch
 from test_end_to_end import eager_greedy
 from test_insert_kv_cache import TinyAttention
+
+import arcompile
+from arcompile.cli.main import main
+from arcompile.errors import DecodeError
+from arcompile.runtimes.engine_dir import MANIFEST
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 EQUAL = [[5, 17, 42, 8, 99, 3], [7, 300, 12, 64, 2, 250]]

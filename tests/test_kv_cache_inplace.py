@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
+from test_end_to_end import eager_greedy
 
 import arcompile
-import tiny_models as tm
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import DecodeError
-from test_end_to_end import eager_greedy
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 EQUAL = [[5, 17, 42, 8, 99, 3], [7, 300, 12, 64, 2, 250]]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_models as tm  # noqa: E402
+
 from arcompile.errors import UnsupportedOpError  # noqa: E402
 from arcompile.frontend.export import export_module  # noqa: E402
 from arcompile.frontend.from_export import from_exported_program  # noqa: E402

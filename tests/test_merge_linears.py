@@ -6,6 +6,8 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
+from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
+from tiny_models import llama, opt
 
 from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
@@ -18,8 +20,6 @@ from arcompile.passes.fuse_mlp import FuseGatedMLP
 from arcompile.passes.merge_linears import MergeLinears
 from arcompile.passes.remove_noops import RemoveNoOps
 from arcompile.runtimes.onnxruntime.weights import ConcatParts, write_weights
-from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
-from tiny_models import llama, opt
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 

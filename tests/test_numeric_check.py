@@ -19,18 +19,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models as tm
 import torch
+from test_insert_kv_cache import TinyAttention
 
 import arcompile
-import tiny_models as tm
-from arcompile.cli import main
+from arcompile.cli.main import main
+from arcompile.compiler.uncached import UncachedEngineWarning
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.ir.interpreter import run_graph
 from arcompile.passes import PassManager, build_pipeline
 from arcompile.passes.numeric_check import EXACT, LOWERING
-from arcompile.uncached import UncachedEngineWarning
 from bench.numeric_margin import capabilities, measure
-from test_insert_kv_cache import TinyAttention
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = torch.tensor([[5, 17, 42, 8, 99, 3, 250, 77], [1, 2, 3, 4, 5, 6, 7, 8]])  # B = 2: dynamic
@@ -93,11 +93,11 @@ def test_wrong_rewrites_are_far_above_the_tolerance_and_correct_ones_far_below(n
 def test_a_wrong_cache_is_refused_by_the_proof():
     """The pass itself, not only the measurement: feed the proof a cached step with its
     positions shifted and it refuses with the float64 figure."""
-    from arcompile.passes.insert_kv_cache import InsertKVCache, KVCacheRefused, _copy_graph, rewrite
+    from arcompile.passes.insert_kv_cache import InsertKVCache, KVCacheRefused, rewrite
     from bench.numeric_margin import positions_off_by_one
 
     graph = fused_graph(tm.llama())
-    cached = _copy_graph(graph)
+    cached = graph.copy()
     rewrite(cached, "insert_kv_cache")
     assert InsertKVCache()._prove(graph, cached) < 1e-9
     with pytest.raises(KVCacheRefused, match="in float64"):

@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import tiny_models as tm
 import torch
+from helpers import ops
+from test_end_to_end import eager_greedy
+from test_kv_cache_engine import cached_vs_full
 
 import arcompile
-import tiny_models as tm
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.frontend.load import load_model
 from arcompile.ir import print_graph
@@ -24,9 +27,6 @@ from arcompile.passes import PassManager, VerifyHook, build_pipeline
 from arcompile.passes.dce import DeadCodeElimination
 from arcompile.passes.insert_kv_cache import InsertKVCache
 from arcompile.passes.pack_attention import PackAttention
-from helpers import ops
-from test_end_to_end import eager_greedy
-from test_kv_cache_engine import cached_vs_full
 
 MAX = 128
 PROMPT = [5, 17, 42, 8, 99, 3]

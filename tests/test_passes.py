@@ -6,15 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ops, run_onnx, to_ir
 
 from arcompile.errors import ArcompileError, PassError
 from arcompile.ir import run_graph, verify
-from arcompile.passes import NumericCheckHook, Pass, PassManager, PassResult, VerifyHook, build_pipeline
+from arcompile.passes import (
+    NumericCheckHook,
+    Pass,
+    PassManager,
+    PassResult,
+    VerifyHook,
+    build_pipeline,
+)
 from arcompile.passes.constant_folding import ConstantFolding
 from arcompile.passes.cse import CommonSubexpressionElimination
 from arcompile.passes.dce import DeadCodeElimination
 from arcompile.passes.remove_noops import RemoveNoOps
-from helpers import ops, run_onnx, to_ir
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
 import tiny_models as tm
-from arcompile.cli import main
+
+from arcompile.cli.main import main
+from arcompile.cli.profile_measure import peak_rss_mb
+from arcompile.cli.profile_report import COLUMNS, format_table
+from arcompile.cli.profiling import profile
 from arcompile.errors import ArcompileError
 from arcompile.passes import build_pipeline
-from arcompile.profile import profile
-from arcompile.profile_measure import peak_rss_mb
-from arcompile.profile_report import COLUMNS, format_table
 
 SMALL = ["--prompt-tokens", "12", "--decode-tokens", "6", "--agreement-tokens", "6",
          "--held-tokens", "24", "--repeats", "1", "--threads", "1"]

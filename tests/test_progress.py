@@ -19,9 +19,9 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
+    import tiny_models as tm
     import torch
 
-    import tiny_models as tm
     from arcompile.frontend.export import export_module
 
     path = tmp_path_factory.mktemp("progress") / "llama.pt2"

@@ -8,17 +8,17 @@ optimize option (the CLI flag: test_quantize_gate.py)."""
 from __future__ import annotations
 
 import pytest
+import tiny_models as tm
 import torch
+from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
 
 import arcompile
-import tiny_models as tm
 from arcompile.errors import ArcompileError
 from arcompile.ir import run_graph
-from arcompile.passes.quant_math import quantize
+from arcompile.ir.quant_math import quantize
 from arcompile.passes.quantize_weights import QuantizeWeights
 from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
 from arcompile.runtimes.onnxruntime.session import make_session
-from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 X = torch.tensor([[7, 3, 9, 1, 2, 8, 4]])

@@ -8,12 +8,12 @@ import json
 
 import onnx
 import pytest
+import tiny_models as tm
 import torch
 
 import arcompile
-import tiny_models as tm
 from arcompile.errors import ArcompileError
-from arcompile.quantization import held_ids
+from arcompile.eval.metrics import held_ids
 
 # int4 round-to-nearest in groups of 64 raises this model's perplexity by ~0.85%
 SETTING = dict(quantize="int4", quant_method="rtn", zero_point="none", group_size=64)
@@ -104,7 +104,7 @@ def test_fallback_refuses_what_it_cannot_fall_back(tmp_path, trained):
 @pytest.mark.slow
 def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, capsys):
     # the gate-trip test's setting (test_quantize_gate): round-to-nearest in groups of 128
-    from arcompile.cli import main
+    from arcompile.cli.main import main
     from arcompile.frontend.load import find_smollm2_gguf
 
     out = tmp_path / "q4"
@@ -126,11 +126,12 @@ def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, capsys):
 def test_keep_options_golden_numbers_and_the_8_bit_case(tmp_path):
     import copy
 
-    from arcompile.ir import run_graph
-    from arcompile.passes.quant_math import quantize
-    from arcompile.passes.quantize_weights import FALLBACK_INT8, QuantizeWeights
     from helpers import apply_pass, run_onnx
     from test_quantize_weights import X, _fused
+
+    from arcompile.ir import run_graph
+    from arcompile.ir.quant_math import quantize
+    from arcompile.passes.quantize_weights import FALLBACK_INT8, QuantizeWeights
 
     model, g = _fused(tm.llama)
     attn, mlp = "model.model.layers.0.self_attn.o_proj", "model.model.layers.1.mlp"

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import tiny_models as tm
 
 import arcompile
-import tiny_models as tm
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import ArcompileError
 
 
@@ -58,7 +58,7 @@ def test_smollm2_gate_trips_on_a_bad_setting_and_writes_nothing(tmp_path, capsys
 def test_int4_default_is_gptq_with_integer_zero_points_and_a_quantized_lm_head(tmp_path):
     import onnx
 
-    from arcompile.quantization import DEFAULT_LM_HEAD, GPTQ_SAMPLES
+    from arcompile.compiler.quantization import DEFAULT_LM_HEAD, GPTQ_SAMPLES
 
     logs: list[str] = []
     report = arcompile.optimize(tm.llama(), tmp_path / "q4", quantize="int4", log=logs.append)

@@ -15,19 +15,19 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
+import tiny_models as tm
 import torch
 from onnx import TensorProto, helper
+from test_pack_attention import cached, pack, packed_nodes
 
 import arcompile
-import tiny_models as tm
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import ArcompileError
 from arcompile.ir import print_graph
+from arcompile.ir.cached_step import cached_decode
 from arcompile.ir.opdefs.kv_cache import attention_cached_packed
 from arcompile.passes import PassManager, VerifyHook
-from arcompile.passes.insert_kv_cache import _copy_graph, cached_decode
 from arcompile.passes.quantize_kv_cache import QuantizeKVCache
-from test_pack_attention import cached, pack, packed_nodes
 
 CALIBRATION = torch.randint(0, tm.VOCAB, (4, 32), generator=torch.Generator().manual_seed(3))
 
@@ -149,7 +149,7 @@ def test_llama_cache_becomes_int8_with_one_scale_pair_per_layer():
 def test_interpreter_steps_stay_close_to_the_float_cache_and_rerun_identically():
     graph = cached(tm.llama())
     pack(graph)
-    float_graph = _copy_graph(graph)
+    float_graph = graph.copy()
     quantize_cache(graph)
     again = cached(tm.llama())
     pack(again)
@@ -302,7 +302,7 @@ def test_unknown_cache_dtype_is_a_clear_error(tmp_path, capsys):
 def test_lowered_int8_step_matches_the_reference_interpreter(tmp_path):
     """GroupQueryAttention's int8 cache against the reference op through the whole tiny
     model: all at once, in two steps over the in-place buffers, and a kept last row."""
-    from arcompile.compile import _check_inplace
+    from arcompile.compiler.lowering_check import _check_inplace
     from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
     from arcompile.runtimes.onnxruntime.session import make_session
 
@@ -321,16 +321,17 @@ def test_smollm2_int8_cache_keeps_perplexity_past_the_calibrated_length(smollm2,
     """The real model: scales calibrated on 8 x 128 tokens hold over 2048 held-out tokens in
     ONNX Runtime (measured: 12.707 -> 12.709; per-channel maxima without the rotary pair
     norms: 14.128, +11%)."""
-    from arcompile import calibration, heldtext
-    from arcompile.compile import _insert_kv_cache, write_engine
+    from arcompile.compiler.optimize import _insert_kv_cache
+    from arcompile.compiler.write_engine import write_engine
+    from arcompile.eval import calibration, heldtext
+    from arcompile.eval.metrics import perplexity
     from arcompile.frontend.from_export import from_exported_program
     from arcompile.passes import build_pipeline
-    from arcompile.profile_measure import perplexity
 
     graph = from_exported_program(smollm2.program, name="smollm2")
     PassManager(build_pipeline("default"), [VerifyHook()]).run(graph)
     _insert_kv_cache(graph, lambda _m: None, "inplace", 2048)
-    float_graph = _copy_graph(graph)
+    float_graph = graph.copy()
     tok = smollm2.tokenizer
     sequences, _ = calibration.calibration_ids(tok, 49152, 8, 128)
     assert quantize_cache(graph, sequences).counts == {"per_channel": 30}

@@ -9,6 +9,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import apply_pass, cleanup, run_onnx, to_ir
+from test_quantize_weights import TOKENS, Wide, X, _fused
+from tiny_models import llama
 
 from arcompile.errors import UnsupportedOpError
 from arcompile.ir import run_graph
@@ -16,9 +19,6 @@ from arcompile.passes.quantize_weights import QuantizeWeights
 from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
 from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import tensorrt_form_issues
 from arcompile.runtimes.onnxruntime.session import make_session
-from helpers import apply_pass, cleanup, run_onnx, to_ir
-from test_quantize_weights import TOKENS, X, Wide, _fused
-from tiny_models import llama
 
 META = "onnxruntime.weight_lowering"
 

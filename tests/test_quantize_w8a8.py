@@ -15,12 +15,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import tiny_models as tm
 import torch
+from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
 
 import arcompile
-import tiny_models as tm
-from arcompile.calibration import calibration_ids, observe_inputs
 from arcompile.errors import ArcompileError
+from arcompile.eval.calibration import calibration_ids, observe_inputs
 from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.ir import run_graph
@@ -28,10 +29,13 @@ from arcompile.ir.graph import Graph
 from arcompile.ir.opdefs.qlinear import fake_quantize
 from arcompile.passes import NumericCheckHook, PassManager, VerifyHook, build_pipeline
 from arcompile.passes.linear_sites import AbsStats
-from arcompile.passes.quantize_w8a8 import (WEIGHT_QMAX, QuantizeW8A8, activation_scale,
-                                            quantize_weight_per_channel)
+from arcompile.passes.quantize_w8a8 import (
+    WEIGHT_QMAX,
+    QuantizeW8A8,
+    activation_scale,
+    quantize_weight_per_channel,
+)
 from arcompile.passes.smooth_quant import SmoothQuant
-from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 X = torch.tensor([[7, 3, 9, 1, 2, 8, 4]])
@@ -56,7 +60,7 @@ def _fused(builder, decomposed: bool = False) -> Graph:
 
 def _cached(builder) -> Graph:
     """The fused graph with the KV cache inserted as ``optimize`` does it (in-place runtime)."""
-    from arcompile.compile import _insert_kv_cache
+    from arcompile.compiler.optimize import _insert_kv_cache
 
     g = _fused(builder)
     _insert_kv_cache(g, lambda _m: None, "inplace", 128)
@@ -434,8 +438,8 @@ def test_smollm2_w8a8_gate_trips_on_a_bad_setting_and_writes_nothing(tmp_path, c
                                                                       monkeypatch):
     """Clipping at the 99.9th percentile and no outlier channels: SmolLM2's first-token
     activations (thousands, in a few channels) are cut, perplexity several times fp32's."""
-    from arcompile import quantization
-    from arcompile.cli import main
+    from arcompile.cli.main import main
+    from arcompile.compiler import quantization
     from arcompile.frontend.load import find_smollm2_gguf
 
     monkeypatch.setattr(quantization, "W8A8_STATISTIC", "p99.9")

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
+from tiny_models import llama, opt
 
 from arcompile.frontend.export import export_module
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.ir import run_graph
+from arcompile.ir.quant_math import (
+    block_sums,
+    dequantize,
+    pack,
+    quantize,
+    quantize_activations_int8,
+    unpack,
+)
 from arcompile.passes import PassManager, VerifyHook, build_pipeline
-from arcompile.passes.quant_math import (block_sums, dequantize, pack, quantize,
-                                         quantize_activations_int8, unpack)
 from arcompile.passes.quantize_weights import QuantizeWeights
-from helpers import apply_pass, cleanup, ops, run_onnx, to_ir
-from tiny_models import llama, opt
 
 TOKENS = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
 X = torch.tensor([[7, 3, 9, 1, 2, 8, 4]])

@@ -21,10 +21,10 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(TESTS.parent))
 
 import pytest  # noqa: E402
+import tiny_models  # noqa: E402
 import torch  # noqa: E402
 
-import tiny_models  # noqa: E402
-from arcompile.cli import main  # noqa: E402
+from arcompile.cli.main import main  # noqa: E402
 from arcompile.errors import EngineError, UnsafeModelError  # noqa: E402
 from arcompile.frontend.export import export_module  # noqa: E402
 from arcompile.frontend.load import load_model  # noqa: E402

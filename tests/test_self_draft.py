@@ -11,12 +11,12 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import tiny_models as tm
 
 import arcompile
-import tiny_models as tm
-from arcompile import speculative as spec
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import ArcompileError, DecodeError, EngineError
+from arcompile.serve import speculative as spec
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [42]]
 
@@ -137,7 +137,7 @@ def test_refusals_write_nothing(tmp_path):
 
 
 def test_a_draft_beyond_its_gate_fails_the_build_and_leaves_nothing(tmp_path, monkeypatch):
-    from arcompile import self_draft
+    from arcompile.compiler import self_draft
 
     monkeypatch.setattr(self_draft, "MAX_PPL_INCREASE", -1.0)  # no draft can pass
     with pytest.raises(ArcompileError, match=r"--self-draft int4 \(gated at .*not "
@@ -190,7 +190,7 @@ def test_cli_optimize_inspect_and_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smollm2_self_draft_equals_greedy_and_agrees(smollm2, tmp_path):
-    from arcompile import heldtext
+    from arcompile.eval import heldtext
 
     arcompile.optimize(smollm2, tmp_path / "engine", log=None, self_draft="int4")
     eng = arcompile.load(tmp_path / "engine")

@@ -8,16 +8,18 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
+from helpers import ops, to_ir
+
+from arcompile.ir.cached_step import past_inputs, step_inputs
 from arcompile.ir.graph import Graph
 from arcompile.ir.interpreter import run_graph
+from arcompile.ir.skip_routing import budget_count, choose, flags
 from arcompile.passes import PassManager, VerifyHook, build_pipeline
 from arcompile.passes.dce import DeadCodeElimination
-from arcompile.passes.insert_kv_cache import InsertKVCache, past_inputs, step_inputs
-from arcompile.passes.skip_ffn import SkipFFN, budget_count, choose, flags, rank
-from helpers import ops, to_ir
+from arcompile.passes.insert_kv_cache import InsertKVCache
+from arcompile.passes.skip_ffn import SkipFFN, rank
 
 EXAMPLE = torch.randint(0, tm.VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
 PROMPT = torch.randint(0, tm.VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -29,15 +31,13 @@ _CACHED: dict[str, Graph] = {}
 def cached(module: torch.nn.Module) -> Graph:
     """The default pipeline then the KV cache (concat form), as skip_ffn expects its input:
     built once per model class, a fresh copy (weights shared) each call."""
-    from arcompile.passes.insert_kv_cache import _copy_graph
-
     key = type(module.model).__name__ if hasattr(module, "model") else type(module).__name__
     if key not in _CACHED:
         graph = to_ir(module, EXAMPLE)
         PassManager(build_pipeline("default") + [InsertKVCache(), DeadCodeElimination()],
                     [VerifyHook()]).run(graph)
         _CACHED[key] = graph
-    return _copy_graph(_CACHED[key])
+    return (_CACHED[key]).copy()
 
 
 def route(graph: Graph, budget: float = 0.5, **kw):
@@ -114,7 +114,7 @@ def test_golden_gpt2_written_out_mlp_routed_by_structure():
 
 
 def test_ablation_scores_are_the_loss_increase_of_each_block_skipped():
-    from arcompile.calibration import calibration_ids
+    from arcompile.eval.calibration import calibration_ids
 
     graph = cached(tm.llama())
     route(graph, 0.5)

@@ -62,8 +62,9 @@ def test_logits_match_eager_on_64_tokens_of_text(smollm2, any_form_engine):
 
 
 def test_one_fused_attention_per_layer_and_no_softmax_left(any_form_engine):
-    import onnx
     from collections import Counter
+
+    import onnx
 
     passes = {p["name"]: p["counts"] for p in any_form_engine.manifest["passes"]}
     assert sum(passes["fuse_attention"].values()) == 30

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models as tm
 
 import arcompile
-import tiny_models as tm
-from arcompile import speculative as spec
-from arcompile.cli import main
+from arcompile.cli.main import main
 from arcompile.errors import ArcompileError, DecodeError
+from arcompile.serve import speculative as spec
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [42]]
 
@@ -265,8 +265,8 @@ def test_cli_run_speculative_and_skip(engines, capsys):
 
 
 def test_profile_measures_the_decoding_modes(engines):
-    from arcompile.profile_measure import decoding_modes
-    from arcompile.profile_report import MODE_COLUMNS, _table
+    from arcompile.cli.profile_measure import decoding_modes
+    from arcompile.cli.profile_report import MODE_COLUMNS, _table
 
     row = decoding_modes(engines["inplace"], PROMPTS[0], 8, PROMPTS[1], draft_tokens=3)
     for mode in ("plain", "spec_ngram", "spec_self", "skip"):
@@ -283,7 +283,7 @@ def test_profile_measures_the_decoding_modes(engines):
 
 # -- the real model ---------------------------------------------------------------------------
 def test_smollm2_self_speculative_equals_greedy(smollm2, tmp_path):
-    from arcompile import heldtext
+    from arcompile.eval import heldtext
 
     arcompile.optimize(smollm2, tmp_path / "engine", log=None, skip=0.25)
     eng = arcompile.load(tmp_path / "engine")

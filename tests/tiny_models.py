@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arcompile.frontend.export import LogitsOnly  # noqa: E402
-from examples.nanogpt import NanoGPTConfig, build as build_nanogpt  # noqa: E402
+from examples.nanogpt import NanoGPTConfig  # noqa: E402
+from examples.nanogpt import build as build_nanogpt
 
 VOCAB = 512
 

@@ -16,8 +16,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from arcompile.errors import ModelLoadError
-from arcompile.frontend.load_errors import first_line
+from arcompile.errors import ModelLoadError, first_line
 
 _SIZE_FUNCTIONS = {torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int,
                    torch.sym_ite, math.ceil, math.floor, math.trunc, math.sqrt}

@@ -16,8 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from arcompile.errors import ModelLoadError
-from arcompile.frontend.load_errors import first_line
+from arcompile.errors import ModelLoadError, first_line
 from arcompile.frontend.pickle_scan import looks_like_pickle
 
 EXPECTED = ("arcompile reads torch.export archives (torch.export.save), TorchScript archives "

@@ -22,6 +22,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from arcompile.errors import UnsupportedOpError
 from arcompile.ir.graph import SYM_BOOL, SYM_FLOAT, SYM_INT, Graph
+from arcompile.ir.ops import op_name
 
 _SYM_OPS = {
     operator.add: "sym.add", operator.sub: "sym.sub", operator.mul: "sym.mul",
@@ -31,20 +32,6 @@ _SYM_OPS = {
     torch.sym_max: "sym.max", torch.sym_min: "sym.min", torch.sym_not: "sym.not",
     torch.sym_float: "sym.float", torch.sym_int: "sym.int",
 }
-
-
-def op_name(target: torch._ops.OpOverload) -> str:
-    packet, overload = target._schema.name.split("::")[-1], target._overloadname
-    ns = target.namespace
-    return f"{ns}.{packet}" if overload == "default" else f"{ns}.{packet}.{overload}"
-
-
-def resolve_op(name: str) -> torch._ops.OpOverload:
-    """The torch OpOverload behind an IR op name such as ``aten.add.Tensor``."""
-    parts = name.split(".")
-    ns, packet = parts[0], parts[1]
-    overload = parts[2] if len(parts) > 2 else "default"
-    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 
 
 def from_exported_program(ep: ExportedProgram, name: str = "main") -> Graph:

@@ -19,9 +19,8 @@ import torch
 from torch.export import ExportedProgram
 
 from arcompile import progress
-from arcompile.errors import ArcompileError, ModelLoadError
+from arcompile.errors import ArcompileError, ModelLoadError, first_line
 from arcompile.frontend.export import LogitsOnly, export_module
-from arcompile.frontend.load_errors import first_line
 from arcompile.frontend.safe_export import unpickling_refused
 
 INSTALL_HF = "install arcompile[hf] (transformers, gguf, accelerate)"

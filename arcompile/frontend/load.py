@@ -24,11 +24,16 @@ from arcompile.errors import ModelLoadError
 from arcompile.frontend.contract import check_contract, normalize
 from arcompile.frontend.detect import Sniffed, sniff
 from arcompile.frontend.export import LogitsOnly, export_module
-from arcompile.frontend.huggingface import find_smollm2_gguf, hf_config, load_gguf, load_hf_folder
+from arcompile.frontend.huggingface import (
+    find_smollm2_gguf,
+    hf_config,
+    load_gguf,
+    load_hf_folder,
+)
 from arcompile.frontend.pickle_scan import refusal
 from arcompile.frontend.safe_export import load_export_archive
-from arcompile.frontend.source_hash import sha256_source
 from arcompile.frontend.torchscript import load_torchscript
+from arcompile.hashing import sha256_source
 
 __all__ = ["LoadedModel", "load_model", "find_smollm2_gguf"]
 
@@ -44,7 +49,7 @@ class LoadedModel:
     program: ExportedProgram
     source: str  # the path, or "<nn.Module>" / "<ExportedProgram>"
     source_kind: str  # "torch.export" | "torchscript" | "huggingface" | "gguf" | "module"
-    source_sha256: str | None  # of the file; of a folder's files (source_hash.py); None in memory
+    source_sha256: str | None  # of the file; of a folder's files (arcompile/hashing.py); None in memory
     tokenizer: Any | None = None  # a transformers tokenizer when the source had one
     config: dict = field(default_factory=dict)
     # the eager tokens -> logits module that was exported (HF folder, GGUF, nn.Module), the

@@ -26,10 +26,18 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.pt2_archive import _package
 
-from arcompile.errors import ArcompileError, ModelLoadError, UnsafeModelError
-from arcompile.frontend.archive_check import (MODELS_DIR, check_entry_names,
-                                              check_payload_config, check_program_json)
-from arcompile.frontend.load_errors import first_line
+from arcompile.errors import (
+    ArcompileError,
+    ModelLoadError,
+    UnsafeModelError,
+    first_line,
+)
+from arcompile.frontend.archive_check import (
+    MODELS_DIR,
+    check_entry_names,
+    check_payload_config,
+    check_program_json,
+)
 
 FORCE_SAFE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 FORCE_UNSAFE = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"

@@ -16,9 +16,8 @@ from typing import Callable
 import torch
 from torch.export import Dim, ExportedProgram
 
-from arcompile.errors import ModelLoadError
+from arcompile.errors import ModelLoadError, first_line
 from arcompile.frontend.export import example_tokens
-from arcompile.frontend.load_errors import first_line
 
 RETRACE = ("trace it with torch.export instead: torch.export.save(torch.export.export(model, "
            "(tokens,), dynamic_shapes=({0: Dim.DYNAMIC, 1: Dim.DYNAMIC},)), 'model.pt2')")

@@ -13,6 +13,7 @@ tensor the frontend loaded), so optimizing a model does not copy its parameters.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -238,6 +239,18 @@ class Graph:
 
     def __contains__(self, node: Node) -> bool:
         return self._g.has_node(node)
+
+    def copy(self) -> "Graph":
+        """A deep copy that shares the weight tensors (never copies parameters)."""
+        memo = {id(t): t for v in self.constants() for t in (v.data, v.exact) if t is not None}
+        return copy.deepcopy(self, memo)
+
+    def adopt(self, work: "Graph") -> None:
+        """Become ``work`` (a rewritten copy): callers that hold this object see the result."""
+        for node in work._g.nodes:
+            node.graph = self
+        self._g, self.inputs, self.outputs = work._g, work.inputs, work.outputs
+        self._names, self.meta = work._names, work.meta
 
     def op_count(self, op: str) -> int:
         return sum(1 for n in self._g.nodes if n.op == op)

@@ -24,6 +24,8 @@ import torch
 
 from arcompile.errors import VerifyError
 from arcompile.ir.graph import SYM_DTYPES, Graph, Node, Value, resolve
+import arcompile.ir.opdefs  # noqa: F401  (registers the arc.* ops' reference implementations)
+from arcompile.ir.ops import reference_impl, resolve_op
 
 _SYM_FUNCS = {
     "sym.add": operator.add, "sym.sub": operator.sub, "sym.mul": operator.mul,
@@ -132,7 +134,6 @@ _EPS_OF_DTYPE = {"aten.rms_norm"}  # ops whose eps=None default follows the inpu
 def evaluate_node(node: Node, args: list[Any], widen: bool = False) -> Any:
     """Compute one node from its input values; a list when it has several outputs.
     ``widen``: floating dtypes in the node's attributes become float64 (``run_graph``)."""
-    from arcompile.ir.ops import reference_impl
 
     attrs = {k: resolve(v, tuple(args)) for k, v in node.attrs.items()}
     if widen:
@@ -142,8 +143,6 @@ def evaluate_node(node: Node, args: list[Any], widen: bool = False) -> Any:
     if node.op.startswith("arc."):
         return reference_impl(node.op)(*args, **(_widen_dtypes(node.attrs) if widen
                                                   else node.attrs))
-    from arcompile.frontend.from_export import resolve_op
-
     if node.op in _RESHAPES:
         return attrs["self"].reshape(attrs["size"])
     if widen and node.op in _EPS_OF_DTYPE and attrs.get("eps") is None:

@@ -1,4 +1,6 @@
-"""Registry of the high-level ``arc.*`` ops that passes create.
+"""IR op names and the registry of the high-level ``arc.*`` ops that passes create.
+
+``aten.*`` ops are named after torch's OpOverloads (``op_name``, ``resolve_op``).
 
 Each op registers a reference implementation written with torch ops; the reference
 interpreter runs it and the tests compare every lowering against it. Later passes (attention,
@@ -8,6 +10,8 @@ norms, the KV cache) add their ops here with ``@register("arc.name")``.
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 from arcompile.errors import UnsupportedOpError
 
@@ -22,8 +26,8 @@ def register(op: str) -> Callable[[Callable], Callable]:
 
 
 def reference_impl(op: str) -> Callable:
-    import arcompile.ir.opdefs  # noqa: F401  (registers the arc.* ops on first use)
-
+    """The reference implementation of ``op``. The ``arc.*`` ops register when
+    ``arcompile.ir.opdefs`` is imported, which the interpreter does."""
     try:
         return _REFERENCE[op]
     except KeyError:
@@ -32,3 +36,17 @@ def reference_impl(op: str) -> Callable:
 
 def known_ops() -> list[str]:
     return sorted(_REFERENCE)
+
+
+def op_name(target: torch._ops.OpOverload) -> str:
+    packet, overload = target._schema.name.split("::")[-1], target._overloadname
+    ns = target.namespace
+    return f"{ns}.{packet}" if overload == "default" else f"{ns}.{packet}.{overload}"
+
+
+def resolve_op(name: str) -> torch._ops.OpOverload:
+    """The torch OpOverload behind an IR op name such as ``aten.add.Tensor``."""
+    parts = name.split(".")
+    ns, packet = parts[0], parts[1]
+    overload = parts[2] if len(parts) > 2 else "default"
+    return getattr(getattr(getattr(torch.ops, ns), packet), overload)

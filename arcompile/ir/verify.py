@@ -13,6 +13,7 @@ import torch
 
 from arcompile.errors import VerifyError
 from arcompile.ir.graph import SYM_DTYPES, Graph, In, Node
+from arcompile.ir.ops import resolve_op
 
 
 def verify(graph: Graph) -> None:
@@ -68,8 +69,6 @@ def _node_problems(graph: Graph, node: Node):
 
 
 def _schema_problems(node: Node):
-    from arcompile.frontend.from_export import resolve_op
-
     try:
         schema = resolve_op(node.op)._schema
     except AttributeError:

@@ -14,14 +14,13 @@ from typing import Any
 import torch
 
 from arcompile.ir.graph import Graph, Node
+from arcompile.ir.ops import resolve_op
 from arcompile.passes.base import Pass, PassResult
 
 
 def is_random(node: Node) -> bool:
     if not node.op.startswith("aten."):
         return False
-    from arcompile.frontend.from_export import resolve_op
-
     return torch.Tag.nondeterministic_seeded in resolve_op(node.op).tags
 
 

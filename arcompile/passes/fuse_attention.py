@@ -27,8 +27,15 @@ import math
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.attention_mask import mask_reason
 from arcompile.passes.attention_patterns import (
-    CASTS, RESHAPES, key_from_transposed, mask_step, matmul_operands, peel_scale,
-    softmax_input, unrepeat_kv)
+    CASTS,
+    RESHAPES,
+    key_from_transposed,
+    mask_step,
+    matmul_operands,
+    peel_scale,
+    softmax_input,
+    unrepeat_kv,
+)
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.match import Match, scalar
 from arcompile.passes.numeric_check import EXACT

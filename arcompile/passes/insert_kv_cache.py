@@ -46,9 +46,10 @@ from __future__ import annotations
 import copy
 import re
 
-import numpy as np
 import torch
 
+from arcompile.ir.analysis import vocabulary
+from arcompile.ir.cached_step import cached_decode
 from arcompile.ir.graph import SYM_DTYPES, SYM_INT, Graph, In, Node, Value
 from arcompile.ir.interpreter import run_graph, widened_constants
 from arcompile.passes.base import Pass, PassResult
@@ -90,7 +91,7 @@ class InsertKVCache(Pass):
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
         try:
-            work = _copy_graph(graph)
+            work = graph.copy()
             layers, positions = rewrite(work, self.name)
             with widened_constants():
                 diff = self._prove(graph, work)
@@ -100,7 +101,7 @@ class InsertKVCache(Pass):
         work.meta["kv_cache"]["runtime_cache"] = self.runtime_cache
         if self.max_context is not None:
             work.meta["kv_cache"]["max_context"] = int(self.max_context)
-        _adopt(graph, work)
+        graph.adopt(work)
         for rule, n in (("attention_cached", layers), ("position_narrowed", positions[0]),
                         ("position_sliced", positions[1]),
                         ("logits_to_keep",
@@ -115,7 +116,10 @@ class InsertKVCache(Pass):
 
     # -- proof ------------------------------------------------------------------------
     def _prove(self, original: Graph, cached: Graph) -> float:
-        vocab = _vocabulary(original)
+        vocab = vocabulary(original)
+        if vocab is None:
+            raise KVCacheRefused(f"no embedding reads %{original.inputs[0].name}: cannot find "
+                                 f"the vocabulary to draw sample tokens for the proof")
         gen = torch.Generator().manual_seed(self.seed)
         worst = 0.0
         for batch in self.batches:
@@ -153,48 +157,6 @@ class InsertKVCache(Pass):
                         f"{self.proof_length}): a position source or cross-position op the "
                         f"pass cannot trace")
         return worst
-
-
-def past_inputs(graph: Graph) -> list[Value]:
-    """The cached graph's past_key/past_value inputs, in layer order (key, value per layer)."""
-    by_name = {v.name: v for v in graph.inputs}
-    return [by_name[n] for pair in graph.meta["kv_cache"]["past"] for n in pair]
-
-
-def step_inputs(graph: Graph, tokens, past_length, pasts: list, keep=0, skip=None) -> list:
-    """The cached graph's inputs in order: tokens, past_length, pasts, [logits_to_keep],
-    [skip_ffn: the layer-skip flags (``passes/skip_ffn.py``); ``skip`` or none set]."""
-    extra = [keep] if graph.meta["kv_cache"]["logits_to_keep"] is not None else []
-    if graph.meta.get("skip_ffn") is not None:  # none set: numpy for ORT, torch for the IR
-        count = len(graph.meta["skip_ffn"]["blocks"])
-        extra.append(skip if skip is not None else np.zeros(count, dtype=bool)
-                     if isinstance(tokens, np.ndarray) else torch.zeros(count, dtype=torch.bool))
-    return [tokens, past_length, *pasts, *extra]
-
-
-def cached_decode(graph: Graph, chunks: list[torch.Tensor], keep: int = 0,
-                  compute_dtype: torch.dtype | None = None,
-                  every_output: bool = False) -> list[torch.Tensor]:
-    """Run a cached graph over token chunks, feeding presents back; the logits of each chunk
-    (its last ``keep`` rows; 0: all), or with ``every_output`` every output of every step.
-    The proofs (this pass's, ``pack_attention``'s) run it with ``compute_dtype=float64``."""
-    pasts = past_inputs(graph)
-    state = empty_cache(graph, chunks[0].shape[0])
-    done, outs = 0, []
-    for chunk in chunks:
-        results = run_graph(graph, step_inputs(graph, chunk, torch.tensor(done, dtype=torch.int64),
-                                               state, torch.tensor(keep, dtype=torch.int64)),
-                            compute_dtype=compute_dtype)
-        outs += results if every_output else results[:1]
-        state = results[len(results) - len(pasts):]
-        done += chunk.shape[1]
-    return outs
-
-
-def empty_cache(graph: Graph, batch: int) -> list[torch.Tensor]:
-    """The past keys and values of a cached graph before its first step: P = 0 rows."""
-    return [torch.zeros((batch, v.shape[1], 0, *v.shape[3:]), dtype=v.dtype)
-            for v in past_inputs(graph)]
 
 
 # -- the rewrite ------------------------------------------------------------------------
@@ -454,26 +416,3 @@ def _total_shape(shape, seq: str):
         return None
     return tuple(re.sub(rf"\b{re.escape(seq)}\b", f"({PAST} + {seq})", d) if isinstance(d, str)
                  else d for d in shape)
-
-
-def _vocabulary(graph: Graph) -> int:
-    rows = [n.arg("weight").shape[0] for n, _ in graph.inputs[0].uses()
-            if n.op == "aten.embedding" and isinstance(n.arg("weight").shape[0], int)]
-    if not rows:
-        raise KVCacheRefused(f"no embedding reads %{graph.inputs[0].name}: cannot find the "
-                             f"vocabulary to draw sample tokens for the proof")
-    return min(rows)
-
-
-def _copy_graph(graph: Graph) -> Graph:
-    """A deep copy that shares the weight tensors (never copies parameters)."""
-    memo = {id(t): t for v in graph.constants() for t in (v.data, v.exact) if t is not None}
-    return copy.deepcopy(graph, memo)
-
-
-def _adopt(graph: Graph, work: Graph) -> None:
-    """Make ``graph`` (the object callers hold) the rewritten ``work`` graph."""
-    for node in work._g.nodes:
-        node.graph = graph
-    graph._g, graph.inputs, graph.outputs = work._g, work.inputs, work.outputs
-    graph._names, graph.meta = work._names, work.meta

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from arcompile.ir.graph import Graph, Node, Value
-from arcompile.passes.match import TRANSPARENT, Match
+from arcompile.ir.opdefs.mlp import activate, apply_linear
+from arcompile.passes.match import Match
 from arcompile.passes.merge_linears import as_linear as traced_linear
 
 LINEARS = ("aten.linear", "aten.mm", "aten.addmm", "aten.matmul", "aten.bmm")
@@ -149,8 +150,6 @@ def gated_parts(node: Node) -> tuple[Value, list[WeightRef], list[Value | None]]
 def gated_hidden(node: Node, args: list) -> torch.Tensor:
     """``h = act(x @ Wg^T + bg) * (x @ Wu^T + bu)``, the down projection's input, from an
     arc.gated_mlp node's input values (as ``observe_inputs`` hands them over)."""
-    from arcompile.ir.opdefs.mlp import activate, apply_linear
-
     x, w_gate, w_up, _w_down, *rest = args
     it = iter(rest)
     has_bias = list(node.attrs.get("has_bias", (False, False, False)))
@@ -158,20 +157,6 @@ def gated_hidden(node: Node, args: list) -> torch.Tensor:
     layout = node.attrs["weight_layout"]
     return (activate(apply_linear(x, w_gate, b_gate, layout), node.attrs["activation"])
             * apply_linear(x, w_up, b_up, layout))
-
-
-def is_lm_head(graph: Graph, node: Node, weight: Value) -> bool:
-    """The linear whose result is the logits (through views), or that reads an embedding's
-    table (tied weights)."""
-    if any(user.op == "aten.embedding" for user, _ in weight.uses()):
-        return True
-    out = node.outputs[0]
-    while out not in graph.outputs:
-        uses = out.uses()
-        if len(uses) != 1 or uses[0][0].op not in TRANSPARENT:
-            return False
-        out = uses[0][0].outputs[0]
-    return True
 
 
 def check_input(x: Value, K: int) -> Match:

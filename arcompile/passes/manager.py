@@ -14,11 +14,11 @@ from typing import Callable, Sequence
 import torch
 
 from arcompile.errors import ArcompileError, PassError
-from arcompile.progress import PassProgressHook
 from arcompile.ir.graph import Graph
 from arcompile.ir.verify import verify
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.numeric_check import gap, relative_gap, run_exact, within
+from arcompile.progress import PassProgressHook
 
 
 @dataclass

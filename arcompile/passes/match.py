@@ -16,12 +16,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from arcompile.ir.analysis import TRANSPARENT
 from arcompile.ir.graph import Node, Value
 
-# Ops that move or re-type a tensor without changing its values' meaning; patterns look
-# through them where the formula does not care about layout or a no-op cast.
-TRANSPARENT = {"aten.view", "aten.reshape", "aten._unsafe_view", "aten.clone",
-               "aten.contiguous", "aten.alias", "aten.detach"}
 CASTS = {"aten.to.dtype", "aten.to.dtype_layout", "aten._to_copy", "aten.type_as"}
 
 

@@ -53,10 +53,11 @@ from __future__ import annotations
 
 import torch
 
+from arcompile.ir.analysis import vocabulary
+from arcompile.ir.cached_step import cached_decode
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.ir.interpreter import widened_constants
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.insert_kv_cache import _adopt, _copy_graph, _vocabulary, cached_decode
 from arcompile.passes.match import Match, scalar
 from arcompile.passes.numeric_check import CHECK_DTYPE, EXACT, gap, relative_gap, within
 
@@ -94,7 +95,7 @@ class PackAttention(Pass):
                         f"the packed op lowers to GroupQueryAttention over in-place buffers "
                         f"only, so attention is left as it was")
             return result
-        work = _copy_graph(graph)
+        work = graph.copy()
         counts = rewrite(work, self.name, result.note)
         if not any(counts.values()):
             return result
@@ -110,7 +111,7 @@ class PackAttention(Pass):
                         f"from the unpacked one by {diff:.3g} ({relative:.3g} of the outputs' "
                         f"magnitude, in float64; tolerance {self.tolerance:g})")
             return result
-        _adopt(graph, work)
+        graph.adopt(work)
         for rule, n in counts.items():
             if n:
                 result.bump(rule, n)
@@ -120,7 +121,10 @@ class PackAttention(Pass):
     # -- proof ------------------------------------------------------------------------
     def _prove(self, original: Graph, packed: Graph) -> tuple[float, float]:
         """(max |Δ|, max |Δ| / magnitude) over every output of every step, in float64."""
-        vocab = _vocabulary(original)
+        vocab = vocabulary(original)
+        if vocab is None:
+            raise ValueError(f"no embedding reads %{original.inputs[0].name}: cannot find the "
+                             f"vocabulary to draw sample tokens for the proof")
         gen = torch.Generator().manual_seed(self.seed)
         worst, worst_relative = 0.0, 0.0
         for batch in self.batches:

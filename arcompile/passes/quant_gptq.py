@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from arcompile.passes.quant_math import QuantizedWeight, blocks_of, check_format, pack
+from arcompile.ir.quant_math import QuantizedWeight, blocks_of, check_format, pack
 
 DEFAULT_DAMP = 0.01  # times the mean of diag(H), added to H's diagonal (the paper's 1%)
 COLUMNS_PER_UPDATE = 32  # columns corrected one by one before one matmul updates the rest

@@ -42,11 +42,11 @@ from typing import Sequence
 
 import torch
 
+from arcompile.ir.cached_step import empty_cache, past_inputs, step_inputs
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.ir.interpreter import run_graph
 from arcompile.ir.opdefs.kv_cache import KV_QMAX
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.insert_kv_cache import empty_cache, past_inputs, step_inputs
 from arcompile.passes.match import Match
 
 PACKED = "arc.attention_cached_packed"
@@ -56,7 +56,7 @@ class QuantizeKVCache(Pass):
     """See the module docstring."""
 
     name = "quantize_kv_cache"
-    tolerance = float("inf")  # lossy by design: gated by perplexity (quantization.py)
+    tolerance = float("inf")  # lossy by design: gated by perplexity (compiler/quantization.py)
 
     def __init__(self, calibration: Sequence[Sequence[int]], margin: float = 1.0,
                  rotary_pairs: bool = True, calibration_text: str | None = None):

@@ -53,7 +53,7 @@ linear whose result is the logits, or whose weight an embedding also reads).
 
 Numbers: changes the logits by design (activations rounded to a step of ``x_scale``, those
 beyond the statistic clipped; weights to half a step of ``w_scale``); gated by perplexity
-(``quantization.py``), not by max|Δlogit|.
+(``compiler/quantization.py``), not by max|Δlogit|.
 """
 
 from __future__ import annotations
@@ -65,12 +65,23 @@ from typing import Sequence
 
 import torch
 
+from arcompile.eval.calibration import observe_inputs
+from arcompile.ir.analysis import is_lm_head
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.linear_sites import (AbsStats, LINEARS, WeightRef, as_linear,
-                                           check_input, check_weight, gated_hidden, gated_parts,
-                                           is_lm_head, rewrite_gated_mlp, split_last,
-                                           weight_shape_NK)
+from arcompile.passes.linear_sites import (
+    LINEARS,
+    AbsStats,
+    WeightRef,
+    as_linear,
+    check_input,
+    check_weight,
+    gated_hidden,
+    gated_parts,
+    rewrite_gated_mlp,
+    split_last,
+    weight_shape_NK,
+)
 from arcompile.passes.match import Match
 
 DEFAULT_STATISTIC = "max"
@@ -165,8 +176,6 @@ class QuantizeW8A8(Pass):
                                 "text": self.calibration_text}}
 
     def run(self, graph: Graph) -> PassResult:
-        from arcompile.calibration import observe_inputs
-
         result = PassResult()
         found: dict[Node, list[Product]] = {}
         for node in graph.nodes():

@@ -45,7 +45,7 @@ table, which stays float. ``embedding="fp32"`` (the pass's default) keeps every 
 ``keep_float`` (module names) keeps those modules' linears in float, noted; ``keep_int8``
 quantizes their 4-bit weights as int8 instead (``FALLBACK_INT8``, round-to-nearest: int8 mode's
 defaults), and keeps float those already 8-bit. The perplexity gate's fallback
-(``quant_fallback.py``) ranks modules by ``errors`` (per module, the largest relative error
+(``compiler/quant_fallback.py``) ranks modules by ``errors`` (per module, the largest relative error
 of its quantized weights: on the calibration activations with GPTQ, ``|(W - Q) x|^2 /
 |W x|^2`` summed over them, else in the weights, ``|W - Q|^2 / |W|^2``) and runs the pass
 again with the worst kept. A run reuses the weights an earlier run of the same pass quantized
@@ -67,15 +67,25 @@ from typing import Collection, Sequence
 import torch
 
 from arcompile import progress
-from arcompile.calibration import observe_inputs
+from arcompile.eval.calibration import observe_inputs
+from arcompile.ir.analysis import is_lm_head
 from arcompile.ir.graph import Graph, Node, Value
+from arcompile.ir.quant_math import QuantizedWeight, check_format, quantize
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.linear_sites import (LINEARS, WeightRef, as_linear, check_input,
-                                           check_weight, gated_hidden, gated_parts, is_lm_head,
-                                           port_of, rewrite_gated_mlp, split_last)
+from arcompile.passes.linear_sites import (
+    LINEARS,
+    WeightRef,
+    as_linear,
+    check_input,
+    check_weight,
+    gated_hidden,
+    gated_parts,
+    port_of,
+    rewrite_gated_mlp,
+    split_last,
+)
 from arcompile.passes.match import Match
 from arcompile.passes.quant_gptq import SecondMoment, gptq
-from arcompile.passes.quant_math import QuantizedWeight, check_format, quantize
 
 # Defaults from SmolLM2 (perplexity on 512 held tokens, fp32 12.79; decode ms/token at 2
 # threads on a busy machine, fp32 38): int4 g32 asymmetric 16.0 (sym 19.1; g64/g128 asym
@@ -84,7 +94,7 @@ from arcompile.passes.quant_math import QuantizedWeight, check_format, quantize
 # 12.79 at level 0, 12.80 at level 4 (g64 16.3-16.5, g128 20.0, the latter worse than the
 # integer zero point's 18.4 though its weight error is 9% smaller); decode on an idle machine
 # 8.5 ms against 7.5 for the integer zero point and 16.9 for fp32. GPTQ takes the integer
-# zero point to 12.84 at g32 (quantization.py's table), so `--quantize int4` uses that.
+# zero point to 12.84 at g32 (compiler/quantization.py's table), so `--quantize int4` uses that.
 DEFAULT_BLOCK_SIZE = {4: 32, 8: 128}
 # ORT's CPU kernel at accuracy_level 0 dequantizes 8-bit weights on every call (30-100x slower
 # than fp32 here); level 4 (int8 activations per block) is its fast path for both widths
@@ -120,7 +130,7 @@ class Format:
 
 
 # what the gate's fallback widens a 4-bit module to (keep_int8): int8 mode's defaults
-# (quantization.py: blocks of 32, integer zero point; +0.35% on SmolLM2 as a whole model)
+# (compiler/quantization.py: blocks of 32, integer zero point; +0.35% on SmolLM2 as a whole model)
 FALLBACK_INT8 = Format(8, 32, "int")
 
 

@@ -53,16 +53,21 @@ the flags off. A budget outside (0, 1) is a ValueError.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from arcompile.eval.calibration import calibration_ids, graph_inputs, observe_inputs
+from arcompile.eval.metrics import held_ids, perplexity
+from arcompile.ir.analysis import exclusive_cone, vocabulary
+from arcompile.ir.cached_step import empty_cache, step_inputs
 from arcompile.ir.graph import Graph, Node, Value
+from arcompile.ir.interpreter import run_graph, widened_constants
+from arcompile.ir.skip_routing import budget_count, flags
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.insert_kv_cache import _adopt, _copy_graph
 from arcompile.passes.match import Match
 from arcompile.passes.merge_linears import common_module
+from arcompile.passes.numeric_check import gap, relative_gap, run_exact, within
 
 INPUT = "skip_ffn"
 ROUTES = ("all", "chosen")
@@ -166,7 +171,7 @@ class SkipFFN(Pass):
         except SkipRefused as e:
             result.note(f"{self.name}: refused, graph left unrouted: {e}")
             return result
-        _adopt(graph, work)
+        graph.adopt(work)
         result.bump("skip_ffn", len(routed))
         result.max_abs_diff = diff
         if self.measure:
@@ -175,8 +180,6 @@ class SkipFFN(Pass):
         return result
 
     def _calibration_text(self, graph: Graph) -> tuple[list[list[int]], str]:
-        from arcompile.calibration import calibration_ids
-
         try:
             return calibration_ids(self.tokenizer, self.vocab or _vocabulary(graph),
                                    self.samples, self.length)
@@ -185,11 +188,6 @@ class SkipFFN(Pass):
 
     def _perplexity(self, graph: Graph, chosen: list[int]) -> dict:
         """The interpreter's perplexity on held-out text with no flag and the choice set."""
-        from arcompile.calibration import graph_inputs
-        from arcompile.ir.interpreter import run_graph
-        from arcompile.profile_measure import perplexity
-        from arcompile.quantization import held_ids
-
         ids, source = held_ids(self.tokenizer, self.vocab or _vocabulary(graph),
                                self.measure_tokens)
         full = run_graph(graph, graph_inputs(graph, ids))[0][0].float().numpy()
@@ -205,9 +203,6 @@ class SkipFFN(Pass):
 def ablation_scores(routed: Graph, sequences: list[list[int]]) -> list[float]:
     """Per routed block, how much the calibration text's mean next-token loss rises when
     that block alone is skipped (the sequences as one batch; one run per block, plus one)."""
-    from arcompile.passes.insert_kv_cache import empty_cache, step_inputs
-    from arcompile.ir.interpreter import run_graph
-
     tokens = torch.tensor(sequences)
     empty = empty_cache(routed, tokens.shape[0])
     count = len(routed.meta["skip_ffn"]["blocks"])
@@ -224,8 +219,6 @@ def ablation_scores(routed: Graph, sequences: list[list[int]]) -> list[float]:
 
 def cosine_scores(graph: Graph, blocks: list[Block], sequences: list[list[int]]) -> list[float]:
     """Per block, the mean over calibration tokens of cos(h, h + ffn) (FFN-SkipLLM)."""
-    from arcompile.calibration import observe_inputs
-
     by_add: dict[Node, list[int]] = {}
     for i, b in enumerate(blocks):
         by_add.setdefault(b.add, []).append(i)
@@ -248,7 +241,7 @@ def cosine_scores(graph: Graph, blocks: list[Block], sequences: list[list[int]])
 def _route_copy(graph: Graph, routed, pass_name: str) -> Graph:
     """A copy of ``graph`` (weights shared) with the blocks numbered ``routed`` routed and
     the meta the step inputs need; the caller completes the meta."""
-    work = _copy_graph(graph)
+    work = graph.copy()
     blocks = find_blocks(work, PassResult())  # the same blocks, found again in graph order
     routed = list(routed)
     rewrite(work, [blocks[b] for b in routed], pass_name)
@@ -326,24 +319,6 @@ def _port(node: Node, value: Value) -> int:
     return next(i for i, v in enumerate(node.inputs) if v is value)
 
 
-def exclusive_cone(out: Value) -> list[Node]:
-    """The nodes computed only for ``out``: its producer, and every producer all of whose
-    outputs only cone members read (never a graph output, an input or a constant)."""
-    members: set[Node] = set()
-    pending = [out.producer]
-    while pending:
-        node = pending.pop()
-        if node in members or node.op in ("arc.input", "arc.constant"):
-            continue
-        if node is not out.producer and (
-                any(o is v for v in node.outputs for o in node.graph.outputs)
-                or any(c not in members for v in node.outputs for c, _ in v.uses())):
-            continue  # read outside the cone: seen again if a later member is its last reader
-        members.add(node)
-        pending.extend(v.producer for v in node.inputs)
-    return sorted(members, key=lambda n: n.order)
-
-
 # -- choosing ---------------------------------------------------------------------------
 def rank(scores: list[float], higher_first: bool = False) -> list[int]:
     """Block numbers, the most skippable first (the lowest score, or the highest with
@@ -351,34 +326,6 @@ def rank(scores: list[float], higher_first: bool = False) -> list[int]:
     earlier block first."""
     sign = -1 if higher_first else 1
     return sorted(range(len(scores)), key=lambda i: (sign * round(scores[i], 6), i))
-
-
-def budget_count(budget: float, blocks: int) -> int:
-    """How many of ``blocks`` a budget (fraction) skips: rounded half up, at least one."""
-    return max(1, min(blocks, math.floor(budget * blocks + 0.5)))
-
-
-def choose(meta: dict, skip: bool | float) -> list[int]:
-    """Flag indices to set: ``True`` for the compiled choice, a fraction for the top of the
-    ranking (of all FFN blocks; only routed ones can be set)."""
-    if skip is True:
-        return list(meta["chosen"])
-    if isinstance(skip, bool) or not isinstance(skip, (int, float)) or not 0 < skip < 1:
-        raise ValueError(f"skip is True (the engine's choice) or a fraction in (0, 1) of the "
-                         f"feed-forward blocks, got {skip!r}")
-    count = budget_count(float(skip), len(meta["scores"]))
-    if count > len(meta["ranking"]):
-        raise ValueError(f"skip={skip} asks for {count} blocks; this engine routes only "
-                         f"{len(meta['ranking'])} (optimize with route='all')")
-    return sorted(meta["ranking"][:count])
-
-
-def flags(graph_or_meta, chosen: list[int]) -> torch.Tensor:
-    """The ``skip_ffn`` input with the ``chosen`` flags set."""
-    meta = graph_or_meta.meta["skip_ffn"] if isinstance(graph_or_meta, Graph) else graph_or_meta
-    out = torch.zeros(len(meta["blocks"]), dtype=torch.bool)
-    out[list(chosen)] = True
-    return out
 
 
 # -- the rewrite ------------------------------------------------------------------------
@@ -397,10 +344,6 @@ def rewrite(graph: Graph, blocks: list[Block], pass_name: str) -> None:
 def prove(original: Graph, routed: Graph, vocab: int | None, length: int = 6) -> float:
     """max |Δlogit| between the graphs on random tokens with every flag off, in float64 like
     every proof (``numeric_check.py``); it must be 0: the flags only select."""
-    from arcompile.calibration import graph_inputs
-    from arcompile.ir.interpreter import widened_constants
-    from arcompile.passes.numeric_check import gap, relative_gap, run_exact, within
-
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab or _vocabulary(original), (length,), generator=gen).tolist()
     with widened_constants():
@@ -414,9 +357,8 @@ def prove(original: Graph, routed: Graph, vocab: int | None, length: int = 6) ->
 
 
 def _vocabulary(graph: Graph) -> int:
-    from arcompile.passes.insert_kv_cache import KVCacheRefused, _vocabulary as vocabulary
-
-    try:
-        return vocabulary(graph)
-    except KVCacheRefused as e:
-        raise SkipRefused(str(e)) from e
+    vocab = vocabulary(graph)
+    if vocab is None:
+        raise SkipRefused(f"no embedding reads %{graph.inputs[0].name}: cannot find the "
+                          f"vocabulary to draw sample tokens")
+    return vocab

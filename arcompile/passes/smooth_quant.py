@@ -54,12 +54,23 @@ from typing import Sequence
 import torch
 
 from arcompile.errors import PassError
+from arcompile.eval.calibration import graph_inputs, observe_inputs
+from arcompile.ir.analysis import is_lm_head
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.linear_sites import (AbsStats, WeightRef, as_linear, check_weight,
-                                           constant_vector, gated_hidden, gated_parts,
-                                           is_lm_head, port_of, scale_vector, scale_weight,
-                                           weight_shape_NK)
+from arcompile.passes.linear_sites import (
+    AbsStats,
+    WeightRef,
+    as_linear,
+    check_weight,
+    constant_vector,
+    gated_hidden,
+    gated_parts,
+    port_of,
+    scale_vector,
+    scale_weight,
+    weight_shape_NK,
+)
 from arcompile.passes.match import TRANSPARENT, Match
 from arcompile.passes.numeric_check import ROUNDED, gap, relative_gap, run_exact, within
 
@@ -114,8 +125,6 @@ class SmoothQuant(Pass):
             "text": self.calibration_text}}
 
     def run(self, graph: Graph) -> PassResult:
-        from arcompile.calibration import graph_inputs, observe_inputs
-
         result = PassResult()
         groups: list[Group] = []
         for node in graph.nodes():

@@ -7,7 +7,7 @@ Layout::
     OUT/model.onnx         the graph (ONNX Runtime), weights in model.onnx.data
     OUT/tokenizer/         when the source had a tokenizer
     OUT/draft/             with ``--self-draft``: a quantized engine of the same model that
-                           drafts for ``speculative="self"`` (``arcompile/self_draft.py``);
+                           drafts for ``speculative="self"`` (``arcompile/compiler/self_draft.py``);
                            its files are in OUT's manifest like the rest
 
 Everything is written into a temporary sibling folder (``.OUT.PID.xxxx.partial``) that is
@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Iterator
 
 from arcompile.errors import EngineError
-from arcompile.frontend.source_hash import sha256_file
+from arcompile.hashing import sha256_file
 from arcompile.runtimes.manifest_schema import MAX_BYTES, parse_manifest, strict_json
 
 FORMAT_VERSION = 1
 MANIFEST = "arcompile.json"
+DRAFT_FOLDER = "draft"  # a self-draft engine (optimize --self-draft), inside its engine
 LEGACY_PARTIAL_AGE_S = 3600  # staging folders without a pid in their name: stale after this
 
 

@@ -1,7 +1,16 @@
 """Definitions of the ``arc.*`` ops that fusion passes create: one module per family, each
 registering a reference implementation (torch ops) with ``arcompile.ir.ops.register``.
 
-Importing this package registers them all; the reference interpreter does so on first use.
+Importing this package registers them all; the reference interpreter imports it.
 """
 
-from arcompile.ir.opdefs import attention, kv_cache, mlp, norms, qlinear, quant, rope, skip  # noqa: F401
+from arcompile.ir.opdefs import (  # noqa: F401
+    attention,
+    kv_cache,
+    mlp,
+    norms,
+    qlinear,
+    quant,
+    rope,
+    skip,
+)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from arcompile.ir.opdefs.attention import attention
+from arcompile.ir.opdefs.rope import rope
 from arcompile.ir.ops import register
 
 
@@ -73,8 +74,6 @@ def attention_cached_packed(*inputs: torch.Tensor, num_heads: int, num_kv_heads:
                             head_dim: int, packed: bool, rotary_dim: int = 0,
                             rotary_interleaved: bool = False, kv_quant: str | None = None,
                             **attrs) -> list[torch.Tensor]:
-    from arcompile.ir.opdefs.rope import rope
-
     scales = None
     if kv_quant is not None:
         if kv_quant not in KV_QUANTS:

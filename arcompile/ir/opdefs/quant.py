@@ -14,7 +14,7 @@ the offsets are applied as their own product, which is how the backend runs them
     y = x @ ((code - zero) * scale)^T + bias + block_sums(x) @ block_offsets
     block_sums(x)[..., b] = sum of x[..., b * block_size : (b + 1) * block_size] (zero-padded)
 
-The weight is stored as ONNX Runtime's MatMulNBits stores it (``arcompile.passes.quant_math``):
+The weight is stored as ONNX Runtime's MatMulNBits stores it (``arcompile.ir.quant_math``):
 ``packed_weight`` uint8 ``[N, n_blocks, block_size * bits / 8]`` with
 ``n_blocks = ceil(K / block_size)`` (K zero-padded), ``scales`` float ``[N * n_blocks]``,
 ``zero_points`` (when ``has_zero_points``) uint8 ``[N, ceil(n_blocks * bits / 8)]`` packed like
@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from arcompile.ir.ops import register
+from arcompile.ir.quant_math import block_sums, dequantize, quantize_activations_int8
 
 ACCURACY_LEVELS = (0, 4)  # 0: float activations; 4: activations rounded to int8 per block
 
@@ -44,10 +45,6 @@ ACCURACY_LEVELS = (0, 4)  # 0: float activations; 4: activations rounded to int8
 def matmul_nbits(x, packed_weight, scales, *rest, K: int, N: int, bits: int, block_size: int,
                  has_zero_points: bool = False, has_block_offsets: bool = False,
                  has_bias: bool = False, accuracy_level: int = 0):
-    # imported here: arcompile.passes imports the whole pipeline, which must not run while
-    # the op definitions are still loading
-    from arcompile.passes.quant_math import block_sums, dequantize, quantize_activations_int8
-
     it = iter(rest)
     zero_points = next(it) if has_zero_points else None
     offsets_bN = next(it) if has_block_offsets else None
@@ -68,7 +65,6 @@ def matmul_nbits(x, packed_weight, scales, *rest, K: int, N: int, bits: int, blo
 @register("arc.gather_nbits")
 def gather_nbits(indices, packed_weight, scales, *rest, K: int, N: int, bits: int,
                  block_size: int, has_zero_points: bool = False):
-    from arcompile.passes.quant_math import dequantize
 
     zero_points = rest[0] if has_zero_points else None
     rows = indices.reshape(-1).long()

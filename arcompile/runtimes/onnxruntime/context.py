@@ -20,6 +20,7 @@ from onnx import NodeProto, TensorProto, helper
 from arcompile.errors import UnsupportedOpError
 from arcompile.ir.graph import SYM_DTYPES, Graph, Node, Value
 from arcompile.runtimes.onnxruntime.dtypes import onnx_type, torch_dtype
+from arcompile.runtimes.onnxruntime.weights import ConcatParts
 
 
 class LowerContext:
@@ -82,8 +83,6 @@ class LowerContext:
     def weight_concat(self, parts: list[Value], dim: int, base: str) -> str:
         """One initializer holding the constants ``parts`` concatenated along ``dim``; its bytes
         are streamed into the data file part by part (``weights.ConcatParts``), never held."""
-        from arcompile.runtimes.onnxruntime.weights import ConcatParts
-
         key = ("concat", dim) + tuple(storage_key(v.data) for v in parts)
         if key not in self._storages:
             name = self.fresh(base)

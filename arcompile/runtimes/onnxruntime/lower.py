@@ -15,11 +15,26 @@ from onnx import helper
 
 from arcompile.errors import UnsupportedOpError
 from arcompile.ir.graph import SYM_DTYPES, Graph, Value
+
 # Importing the ops_* modules fills the lowering table.
 from arcompile.runtimes.onnxruntime import (  # noqa: F401
-    ops_arc_attention, ops_arc_kv_cache, ops_arc_mlp, ops_arc_norms, ops_arc_qdq, ops_arc_quant,
-    ops_arc_rope, ops_arc_skip,
-    ops_attention, ops_creation, ops_elementwise, ops_index, ops_nn, ops_reduce, ops_shape, ops_sym)
+    ops_arc_attention,
+    ops_arc_kv_cache,
+    ops_arc_mlp,
+    ops_arc_norms,
+    ops_arc_qdq,
+    ops_arc_quant,
+    ops_arc_rope,
+    ops_arc_skip,
+    ops_attention,
+    ops_creation,
+    ops_elementwise,
+    ops_index,
+    ops_nn,
+    ops_reduce,
+    ops_shape,
+    ops_sym,
+)
 from arcompile.runtimes.onnxruntime.context import LowerContext
 from arcompile.runtimes.onnxruntime.dtypes import dtype_name, onnx_type
 from arcompile.runtimes.onnxruntime.registry import STRUCTURAL_OPS, lowering_for

@@ -1,6 +1,6 @@
 """Lowering of ``arc.attention_cached`` to ONNX Runtime, two forms.
 
-``graph.meta["kv_cache"]["runtime_cache"]`` picks one (set by ``compile.optimize``):
+``graph.meta["kv_cache"]["runtime_cache"]`` picks one (set by ``compiler/optimize.py``):
 
 - ``"concat"`` (default), standard opset-21 ONNX:
 

@@ -57,9 +57,13 @@ form TensorRT reads (``ops_arc_quant_qdq``). arc.gather_nbits has no QDQ form.
 from __future__ import annotations
 
 from arcompile.errors import UnsupportedOpError
-from arcompile.ir.graph import Node, Value
+from arcompile.ir.graph import Node
+from arcompile.ir.quant_math import blocks_of
 from arcompile.runtimes.onnxruntime.context import LowerContext
-from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import matmul_nbits_qdq
+from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import (
+    matmul_nbits_qdq,
+    plus_block_offsets,
+)
 from arcompile.runtimes.onnxruntime.registry import lowering
 
 META_KEY = "onnxruntime.weight_lowering"
@@ -94,24 +98,9 @@ def matmul_nbits(ctx: LowerContext, node: Node) -> str:
     return y if offsets_bN is None else plus_block_offsets(ctx, node, x, y, offsets_bN)
 
 
-def plus_block_offsets(ctx: LowerContext, node: Node, x: Value, y: str, offsets_bN: Value) -> str:
-    """``y + block_sums(x) @ offsets``, in float from the unrounded x (quant_math.block_sums)."""
-    from arcompile.passes.quant_math import blocks_of  # not at import: passes load the pipeline
-
-    K, block_size, rank = node.attrs["K"], node.attrs["block_size"], len(x.shape)
-    nb = blocks_of(K, block_size)
-    x_padded = ctx.name(x)
-    if nb * block_size != K:  # zeros up to whole blocks, on the last axis only
-        x_padded = ctx.op("Pad", [x_padded, ctx.i64([0] * (2 * rank - 1) + [nb * block_size - K])])
-    blocks = ctx.op("Reshape", [x_padded, ctx.i64([0] * (rank - 1) + [nb, block_size])])
-    sums = ctx.op("ReduceSum", [blocks, ctx.i64([-1])], keepdims=0)
-    return ctx.op("Add", [y, ctx.op("MatMul", [sums, ctx.name(offsets_bN)])])
-
-
 @lowering("arc.gather_nbits")
 def gather_nbits(ctx: LowerContext, node: Node) -> str:
     # rows of ((code - zero) * scale), the table stored as for MatMulNBits
-    from arcompile.passes.quant_math import blocks_of
 
     if weight_form(ctx) == "qdq":
         raise UnsupportedOpError(

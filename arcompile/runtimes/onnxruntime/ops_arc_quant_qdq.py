@@ -33,8 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from arcompile.ir.graph import Graph, Node
+from arcompile.ir.analysis import is_lm_head
+from arcompile.ir.graph import Graph, Node, Value
+from arcompile.ir.quant_math import blocks_of, pack, unpack
 from arcompile.runtimes.onnxruntime.context import LowerContext
+from arcompile.runtimes.onnxruntime.weights import Nibbles
 
 
 def matmul_nbits_qdq(ctx: LowerContext, node: Node) -> str:
@@ -63,10 +66,20 @@ def matmul_nbits_qdq(ctx: LowerContext, node: Node) -> str:
     weight = ctx.op("DequantizeLinear", inputs, **axes)
     y = ctx.op("MatMul", [ctx.name(x), weight])
     if offsets_bN is not None:
-        from arcompile.runtimes.onnxruntime.ops_arc_quant import plus_block_offsets
-
         y = plus_block_offsets(ctx, node, x, y, offsets_bN)
     return ctx.op("Add", [y, ctx.name(bias)]) if bias is not None else y
+
+
+def plus_block_offsets(ctx: LowerContext, node: Node, x: Value, y: str, offsets_bN: Value) -> str:
+    """``y + block_sums(x) @ offsets``, in float from the unrounded x (quant_math.block_sums)."""
+    K, block_size, rank = node.attrs["K"], node.attrs["block_size"], len(x.shape)
+    nb = blocks_of(K, block_size)
+    x_padded = ctx.name(x)
+    if nb * block_size != K:  # zeros up to whole blocks, on the last axis only
+        x_padded = ctx.op("Pad", [x_padded, ctx.i64([0] * (2 * rank - 1) + [nb * block_size - K])])
+    blocks = ctx.op("Reshape", [x_padded, ctx.i64([0] * (rank - 1) + [nb, block_size])])
+    sums = ctx.op("ReduceSum", [blocks, ctx.i64([-1])], keepdims=0)
+    return ctx.op("Add", [y, ctx.op("MatMul", [sums, ctx.name(offsets_bN)])])
 
 
 def _per_channel(node: Node) -> bool:
@@ -75,7 +88,6 @@ def _per_channel(node: Node) -> bool:
 
 
 def _blocks(node: Node) -> int:
-    from arcompile.passes.quant_math import blocks_of  # not at import: passes load the pipeline
 
     return blocks_of(node.attrs["K"], node.attrs["block_size"])
 
@@ -84,9 +96,6 @@ def _qdq_tensors(node: Node, packed: torch.Tensor, scales: torch.Tensor,
                  zero_points: torch.Tensor | None) -> dict:
     """{"codes": [K, N], "scales": [n_blocks, N] or [N], "zero_points": like the scales}:
     tensors, or ``weights.Nibbles`` for 4 bits."""
-    from arcompile.passes.quant_math import unpack
-    from arcompile.runtimes.onnxruntime.weights import Nibbles
-
     K, N, bits, block_size = (node.attrs[k] for k in ("K", "N", "bits", "block_size"))
     nb = _blocks(node)
     codes = unpack(packed.reshape(N, -1), bits)[:, :nb * block_size].to(torch.int16)
@@ -119,7 +128,6 @@ def _qdq_tensors(node: Node, packed: torch.Tensor, scales: torch.Tensor,
 
 def _pack_nibbles(values: torch.Tensor) -> torch.Tensor:
     """4-bit values (signed or not) in row-major order, two to a byte, the first low."""
-    from arcompile.passes.quant_math import pack
 
     return pack((values.reshape(-1) & 0xF).to(torch.uint8), 4)
 
@@ -128,8 +136,6 @@ def tensorrt_form_issues(graph: Graph) -> list[str]:
     """Why the graph's quantized weights are not in the form TensorRT documents for weight-only
     quantization (symmetric; int4 in blocks, int8 per channel): one line per reason, naming
     the LM head where it alone is the reason; empty when all are."""
-    from arcompile.passes.linear_sites import is_lm_head
-
     where: dict[str, set[str]] = {}
     for n in graph.nodes():
         if n.op == "arc.gather_nbits":

@@ -25,6 +25,7 @@ import torch
 from onnx import helper
 
 from arcompile.errors import UnsupportedOpError
+from arcompile.ir.analysis import exclusive_cone
 from arcompile.ir.graph import Node
 from arcompile.runtimes.onnxruntime.context import LowerContext
 from arcompile.runtimes.onnxruntime.dtypes import onnx_type
@@ -33,8 +34,6 @@ from arcompile.runtimes.onnxruntime.registry import lowering
 
 @lowering("arc.skip_ffn")
 def skip_ffn(ctx: LowerContext, node: Node) -> str:
-    from arcompile.passes.skip_ffn import exclusive_cone
-
     flags, residual, ffn_out = node.inputs
     cone = set(exclusive_cone(ffn_out))
     entry = {ctx.name(v) for n in cone for v in n.inputs

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from arcompile.decoding import Sampler, check_context, stop_set
+from arcompile.serve.decoding import Sampler, check_context, stop_set
 
 # (tokens [B, T], past_length, pasts, keep) -> (logits [B, T or keep, V], presents)
 Step = Callable[[np.ndarray, int, list[np.ndarray], int], tuple[np.ndarray, list[np.ndarray]]]

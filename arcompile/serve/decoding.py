@@ -16,8 +16,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from arcompile import checks
 from arcompile.errors import DecodeError
+from arcompile.serve import checks
 
 Forward = Callable[[np.ndarray], np.ndarray]
 PAD_ID = 0  # any id works: right padding is never attended to by real tokens

@@ -42,9 +42,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import torch
 
+from arcompile import progress
+from arcompile.compiler.quant_fallback import fall_back
 from arcompile.errors import ArcompileError
+from arcompile.eval import calibration
+from arcompile.eval.metrics import HELD_TOKENS, graph_logits, held_ids, perplexity
+from arcompile.passes import PassManager, VerifyHook
+from arcompile.passes.dce import DeadCodeElimination
+from arcompile.passes.quantize_kv_cache import QuantizeKVCache
+from arcompile.passes.quantize_w8a8 import QuantizeW8A8
+from arcompile.passes.quantize_weights import QuantizeWeights
+from arcompile.passes.smooth_quant import SmoothQuant
+from arcompile.runtimes.onnxruntime.ops_arc_quant import META_KEY
+from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import tensorrt_form_issues
+from arcompile.serve.engine import Engine
 
 MODES = {"int8": 8, "int4": 4, "w8a8": 8}  # w8a8: int8 activations too (static)
 # rtn: round-to-nearest; gptq: error-corrected on calibration text (passes/quant_gptq.py)
@@ -102,7 +114,6 @@ DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}
 # activations to int8 per block too, and on SmolLM2 blocks of 128 cost +1.2% perplexity
 # against -0.1% (interpreter) / +0.2% (ORT) for 32
 DEFAULT_GROUP_SIZE = {"int8": 32}
-HELD_TOKENS = 512
 LOWERING_PPL_RTOL = 0.02
 # the KV cache: "float32" (as the model computes it) or "int8" (per channel, calibrated)
 KV_CACHE_DTYPES = ("float32", "int8")
@@ -116,27 +127,6 @@ DEFAULT_KV_MAX_PPL_INCREASE = 0.01
 #   2 sequences, pair norms, margin 1.0          12.856 / 12.754
 KV_CALIBRATION_SAMPLES = 8
 KV_MARGIN = 1.0
-
-
-def held_ids(tokenizer: Any, vocab: int, count: int = HELD_TOKENS) -> tuple[list[int], str]:
-    if tokenizer is not None:
-        from arcompile import heldtext
-
-        return heldtext.token_ids(tokenizer, heldtext.HELD, count), "held-out pydoc_data text"
-    gen = torch.Generator().manual_seed(7)
-    return (torch.randint(0, vocab, (count,), generator=gen).tolist(),
-            "seeded random token ids (no tokenizer)")
-
-
-def graph_logits(graph, ids: list[int]) -> np.ndarray:
-    """[T, V] logits of ``ids`` in the reference interpreter (a cached graph: empty cache)."""
-    from arcompile.calibration import graph_inputs
-    from arcompile.ir.interpreter import run_graph
-
-    from arcompile import progress
-
-    with progress.step(f"perplexity forward on {len(ids)} tokens (interpreter)"):
-        return run_graph(graph, graph_inputs(graph, ids))[0][0].float().numpy()
 
 
 def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: float | None,
@@ -159,9 +149,6 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     format, as few as pass it (``quant_fallback.py``; int8 / int4 weights alone): "int8",
     "fp32", or True for the mode's default (``FALLBACK_TO``).
     ``max_tokens``: the model's context, when shorter than the held-out text."""
-    from arcompile.passes import PassManager, VerifyHook
-    from arcompile.passes.dce import DeadCodeElimination
-
     kv_int8 = kv_cache_dtype == "int8"
     if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
         raise ArcompileError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of "
@@ -208,9 +195,7 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
     records, timings, after, fallback = [], {}, before, None
     if passes:
         if gate_fallback:
-            from arcompile.passes.insert_kv_cache import _copy_graph
-
-            float_graph = _copy_graph(graph)
+            float_graph = graph.copy()
         records = PassManager([*passes, DeadCodeElimination()], [VerifyHook(), *hooks],
                               log=say).run(graph)
         timings = dict(getattr(quantizer, "timings", None) or {})  # weight-only modes
@@ -224,8 +209,6 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
         if gate_fallback:
             _, ppl_quantized, increase, _ = _figures(before, after, ids)
             if not increase <= limit:
-                from arcompile.quant_fallback import fall_back
-
                 say(f"  perplexity {ppl_quantized:.3f} ({increase:+.2%}) is beyond "
                     f"+{limit:.1%}")
                 done = fall_back(graph, float_graph, passes, quantizer, ids, before, limit, say,
@@ -283,9 +266,6 @@ def weight_format_entry(graph, weight_format: str, say: Callable[[str], None]) -
     (with "qdq", what keeps them from TensorRT's documented form, if anything)."""
     if weight_format == "matmulnbits":
         return {"weight_format": weight_format}
-    from arcompile.runtimes.onnxruntime.ops_arc_quant import META_KEY
-    from arcompile.runtimes.onnxruntime.ops_arc_quant_qdq import tensorrt_form_issues
-
     graph.meta[META_KEY] = "qdq"
     issues = tensorrt_form_issues(graph)
     say("  weights as DequantizeLinear -> MatMul (QDQ); "
@@ -303,8 +283,6 @@ def describe(mode: str | None, kv_int8: bool) -> str:
 
 def _figures(before: np.ndarray, after: np.ndarray, ids: list[int]) -> tuple[float, ...]:
     """(perplexity before, after, relative increase, greedy agreement) of two [T, V] logits."""
-    from arcompile.profile_measure import perplexity
-
     ppl_before, ppl_after = perplexity(before, ids), perplexity(after, ids)
     return (ppl_before, ppl_after, ppl_after / ppl_before - 1,
             float(np.mean(before.argmax(-1) == after.argmax(-1))))
@@ -314,9 +292,6 @@ def kv_cache_passes(tokenizer: Any, vocab: int, say: Callable[[str], None],
                     max_tokens: int | None = None) -> list:
     """``[QuantizeKVCache]`` calibrated on ``KV_CALIBRATION_SAMPLES`` sequences of
     ``calibration.DEFAULT_LENGTH`` tokens (shorter for a shorter context)."""
-    from arcompile import calibration
-    from arcompile.passes.quantize_kv_cache import QuantizeKVCache
-
     sequences, text = calibration.calibration_ids(
         tokenizer, vocab, KV_CALIBRATION_SAMPLES,
         min(calibration.DEFAULT_LENGTH, max_tokens or calibration.DEFAULT_LENGTH))
@@ -360,9 +335,6 @@ def weight_only_passes(mode: str, group_size: int | None, method: str,
     """``[QuantizeWeights]`` for int8 / int4: the mode's width, group size, zero point, LM
     head, and for a calibrated method its calibration sequences (``GPTQ_SAMPLES`` of
     ``calibration.DEFAULT_LENGTH`` tokens unless asked; shorter for a shorter context)."""
-    from arcompile import calibration
-    from arcompile.passes.quantize_weights import QuantizeWeights
-
     bits = MODES[mode]
     lm_head = lm_head or DEFAULT_LM_HEAD[mode][method]
     if lm_head not in LM_HEADS:
@@ -409,10 +381,6 @@ def w8a8_passes(group_size: int | None, method: str, calibration_samples: int | 
     ``calibration.DEFAULT_SAMPLES``) of ``calibration.DEFAULT_LENGTH`` tokens (shorter for a
     shorter context) of calibration text. W8A8 is calibrated by construction: ``method`` must
     be the default."""
-    from arcompile import calibration
-    from arcompile.passes.quantize_w8a8 import QuantizeW8A8
-    from arcompile.passes.smooth_quant import SmoothQuant
-
     if group_size is not None:
         raise ValueError("--quantize w8a8 scales weights per output channel and activations "
                          "per tensor: --group-size does not apply")
@@ -430,11 +398,6 @@ def w8a8_passes(group_size: int | None, method: str, calibration_samples: int | 
 
 def check_engine(folder: Path, info: dict) -> float:
     """ONNX Runtime's perplexity against the interpreter's; returns the relative gap."""
-    from arcompile.engine import Engine
-    from arcompile.profile_measure import perplexity
-
-    from arcompile import progress
-
     ids = info["_ids"]
     with progress.step(f"ONNX Runtime perplexity on {len(ids)} tokens"):
         eng = Engine(folder, check_hashes=False)

@@ -32,7 +32,15 @@ import numpy as np
 import torch
 
 from arcompile import progress
+from arcompile.compiler.optimize import optimize
+from arcompile.compiler.write_engine import write_engine
 from arcompile.errors import ArcompileError
+from arcompile.eval import heldtext
+from arcompile.eval.metrics import perplexity
+from arcompile.frontend.from_export import from_exported_program
+from arcompile.frontend.load import LoadedModel, load_model
+from arcompile.ir.interpreter import run_graph
+from arcompile.passes import build_pipeline
 from arcompile.passes.manager import Hook, PassRecord
 
 
@@ -65,10 +73,6 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
     ``skip`` (layer-skip routing) passes through the same way: its row and every later one
     measure the lossy mode and self-speculative decoding too (``decoding_modes``).
     """
-    from arcompile.compile import optimize, write_engine
-    from arcompile.frontend.load import LoadedModel, load_model
-    from arcompile.passes import build_pipeline
-
     say = log or (lambda _msg: None)
     for name, n in (("prompt_tokens", prompt_tokens), ("decode_tokens", decode_tokens),
                     ("agreement_tokens", agreement_tokens), ("held_tokens", held_tokens)):
@@ -141,11 +145,7 @@ def _reference(loaded, prompt_tokens: int, agreement_tokens: int, held_tokens: i
     """Eager PyTorch on the profile's prompts: logits, greedy tokens, perplexity. A file that
     holds no eager module (torch.export, TorchScript) is run as traced, op by op, by the
     reference interpreter (torch ops, no pass applied), and the report says so."""
-    from arcompile.profile_measure import perplexity
-
     if loaded.tokenizer is not None:
-        from arcompile import heldtext
-
         text = "pydoc_data.topics (heldtext.PROMPTS for prompts, heldtext.HELD for perplexity)"
         prompt = heldtext.token_ids(loaded.tokenizer, heldtext.PROMPTS, prompt_tokens)
         held = heldtext.token_ids(loaded.tokenizer, heldtext.HELD, held_tokens)
@@ -173,9 +173,6 @@ def _reference(loaded, prompt_tokens: int, agreement_tokens: int, held_tokens: i
 def _eager(loaded) -> tuple[Callable, str]:
     if loaded.module is not None:
         return loaded.module, "eager PyTorch"
-    from arcompile.frontend.from_export import from_exported_program
-    from arcompile.ir.interpreter import run_graph
-
     graph = from_exported_program(loaded.program, name="reference")
     return (lambda x: run_graph(graph, [x])[0],
             "the traced graph in arcompile's reference interpreter (torch ops, no pass "
@@ -189,7 +186,7 @@ def _vocab(loaded) -> int:
 
 
 def _run_worker(request: dict) -> dict:
-    done = subprocess.run([sys.executable, "-m", "arcompile.profile_measure"],
+    done = subprocess.run([sys.executable, "-m", "arcompile.cli.profile_measure"],
                           input=json.dumps(request), capture_output=True, text=True)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from arcompile.errors import ArcompileError
+
 KV_CACHE_MODES = ("auto", "require", "off")
 
 # measured by `make bench` (README, "Benchmarks"): SmolLM2 uncached against cached decoding
@@ -29,8 +31,6 @@ def kv_cache_mode(value: Any) -> str:
         return "off"
     if isinstance(value, str) and value in KV_CACHE_MODES:
         return value
-    from arcompile.errors import ArcompileError
-
     raise ArcompileError(f"kv_cache must be one of {', '.join(KV_CACHE_MODES)} (or True/False), "
                          f"got {value!r}")
 

@@ -23,7 +23,7 @@ Drafters (``draft(context, past_length, cache, m) -> list[int]``):
   ``last``, writing its own rows at P .. P + m - 1, which the verifying step then overwrites.
   Drafting stops early when the draft's top probability falls below ``min_confidence``.
   An engine optimized with ``self_draft`` drafts with its own int4 (or int8) copy instead
-  (``self_draft.py``, stored in the engine folder), the same way, unless ``draft_skip`` asks
+  (``compiler/self_draft.py``, stored in the engine folder), the same way, unless ``draft_skip`` asks
   for the skipped-block graph.
 - ``draft``: another engine of the same model and cache layout (its int4 build, say) drafts
   the same way, into the same buffers (its rows are overwritten by the verifying step too).
@@ -57,7 +57,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from arcompile.decoding import stop_set
+from arcompile.serve.decoding import stop_set
 
 # "ngram+...": prompt lookup where the context offers a continuation, the model elsewhere
 MODES = ("self", "ngram", "draft", "ngram+self", "ngram+draft")
@@ -66,7 +66,7 @@ MODES = ("self", "ngram", "draft", "ngram+self", "ngram+draft")
 # sweep, a busy machine) 3 blocks skipped and 0.8-0.9 came out at 1.01-1.04x plain, 8 blocks
 # and any threshold at or below 0.99x, and drafting every slot at 0.7-0.9x. An int4 build
 # drafts at ~0.4 of a step; 0.6 keeps its acceptance near 90%. The self-draft (an RTN int4
-# copy, ``self_draft.py``) costs ~0.35 of a step, so a draft pays once it is accepted about a
+# copy, ``compiler/self_draft.py``) costs ~0.35 of a step, so a draft pays once it is accepted about a
 # third of the time: 0.3 stops only where the copy is unsure. On SmolLM2, which it agrees
 # with ~98%, the sweep in bench/results/speculative.json had 4 drafts at 1.37x plain with
 # 0.6, 1.48x with 0.3 and 1.53x drafting every slot (6 drafts: 1.50x, 1.64x, 1.62x).

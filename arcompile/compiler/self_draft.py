@@ -25,9 +25,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from arcompile.compiler import quantization
+from arcompile.compiler.write_engine import write_engine
 from arcompile.errors import ArcompileError
+from arcompile.runtimes.engine_dir import DRAFT_FOLDER
 
-FOLDER = "draft"
 MODES = ("int8", "int4")
 # the draft's perplexity on held-out text may rise by at most this against the model's: RTN
 # int4 on SmolLM2 is within 1%, a broken draft is off by multiples
@@ -59,16 +61,11 @@ def check_options(self_draft: str | None, quantize: str | None, kv_cache: bool,
 def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[str], None],
            max_tokens: int | None = None) -> Callable[[Path], dict]:
     """Copy ``graph`` as it stands now (it is left as it is); return ``write(engine_folder)``,
-    which quantizes the copy, writes it as an engine at ``engine_folder / FOLDER`` and returns
+    which quantizes the copy, writes it as an engine at ``engine_folder / DRAFT_FOLDER`` and returns
     the manifest's ``self_draft`` entry (``compile.write_engine``'s ``nested``)."""
-    from arcompile.passes.insert_kv_cache import _copy_graph
-
-    work = _copy_graph(graph)  # shares the weight tensors, which quantizing never changes
+    work = graph.copy()  # shares the weight tensors, which quantizing never changes
 
     def write(engine_folder: Path) -> dict:
-        from arcompile import quantization
-        from arcompile.compile import write_engine
-
         def note(msg: str) -> None:
             say(f"  [self-draft] {msg.strip()}")
 
@@ -86,10 +83,10 @@ def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[
             quantization.check_engine(folder, info)
             info.pop("_ids", None)
 
-        write_engine(work, Path(engine_folder) / FOLDER, loaded, records, log=note,
+        write_engine(work, Path(engine_folder) / DRAFT_FOLDER, loaded, records, log=note,
                      extra={"quantization": info, "self_draft_of": "the engine one folder up"},
                      validate=check)
-        entry = {"folder": FOLDER, "mode": mode, "method": "rtn",
+        entry = {"folder": DRAFT_FOLDER, "mode": mode, "method": "rtn",
                  "built_from": "the model with its KV cache, before layer-skip routing and "
                                "the engine's own quantization",
                  "perplexity_model": info["perplexity_unquantized"],
@@ -100,19 +97,6 @@ def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[
              f"Runtime), greedy agreement {entry['greedy_agreement']:.1%}")
         return {"self_draft": entry}
     return write
-
-
-def load(engine) -> Any:
-    """The self-draft of ``engine`` (whose manifest names one) as an Engine. Its files were
-    checked with the engine's manifest; the folder is always ``FOLDER``, whatever a manifest
-    says, so a crafted manifest cannot point the loader elsewhere."""
-    from arcompile.engine import Engine
-    from arcompile.errors import EngineError
-
-    if f"{FOLDER}/arcompile.json" not in engine.manifest.get("files", {}):
-        raise EngineError(f"engine {engine.path} names a self-draft but its files do not "
-                          f"list {FOLDER}/; re-run `arcompile optimize --self-draft`")
-    return Engine(engine.path / FOLDER, threads=engine._threads, check_hashes=False)
 
 
 def describe(entry: dict) -> str:

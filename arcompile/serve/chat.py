@@ -28,8 +28,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from arcompile.decoding import Sampler, stop_set
 from arcompile.errors import DecodeError, EngineError
+from arcompile.runtimes.onnxruntime.inplace_step import Buffers
+from arcompile.serve import speculative as spec
+from arcompile.serve.decoding import Sampler, stop_set
 
 FIRST_CAPACITY = 512  # in-place buffers' first size in tokens; doubled as the talk grows
 
@@ -162,8 +164,6 @@ class ChatSession:
             return
         import onnxruntime as ort
 
-        from arcompile.runtimes.onnxruntime.inplace_step import Buffers
-
         grown = Buffers()  # its own I/O bindings, as the engine's buffers carry theirs
         for old in self._cache:  # the kept rows, copied once per doubling
             rows = old.numpy()
@@ -193,8 +193,6 @@ class ChatSession:
             feed = [token]
 
     def _speculate(self, ids: list[int], room: int, turn: dict) -> Iterator[int]:
-        from arcompile import speculative as spec
-
         eng = self.engine
         past = self._common(ids)
         self._room(len(ids) + room)
@@ -237,8 +235,6 @@ class ChatSession:
 
 def drafter(eng, mode: str, stats, draft_engine=None):
     """The drafter ``Engine.stream(speculative=mode)`` would use, for a chat's cache."""
-    from arcompile import speculative as spec
-
     if mode not in spec.MODES:
         raise DecodeError(f"speculative must be one of {', '.join(spec.MODES)}, got {mode!r}")
     drafters = []

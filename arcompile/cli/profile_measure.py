@@ -1,6 +1,6 @@
 """One row of ``arcompile profile``: an engine measured in a process of its own.
 
-Run as ``python -m arcompile.profile_measure`` with a JSON request on stdin; the answer is JSON
+Run as ``python -m arcompile.cli.profile_measure`` with a JSON request on stdin; the answer is JSON
 on stdout. A fresh process per engine makes the peak resident memory that engine's own (a
 process's peak never goes down, so rows measured in one process would inherit the largest).
 
@@ -37,10 +37,11 @@ import time
 
 import numpy as np
 
+from arcompile.eval.metrics import perplexity
+from arcompile.serve.engine import load
+
 
 def measure(request: dict) -> dict:
-    from arcompile.engine import load
-
     eng = load(request["engine"], threads=request.get("threads"))
     prompt, greedy = request["prompt"], request["greedy"]
     eng.generate(prompt, max_new_tokens=1)  # warm up: first-run allocations
@@ -121,15 +122,6 @@ def peak_rss_mb() -> float:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes there, KiB here
-
-
-def perplexity(logits: np.ndarray, ids: list[int]) -> float:
-    """exp(mean negative log-likelihood) of ``ids[1:]`` under ``logits[:-1]`` ([T, V])."""
-    z = logits[:-1].astype(np.float64)
-    z -= z.max(axis=-1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    nll = -log_probs[np.arange(len(ids) - 1), ids[1:]]
-    return float(np.exp(nll.mean()))
 
 
 def main() -> int:

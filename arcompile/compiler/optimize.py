@@ -21,22 +21,43 @@ The steps, each reported through ``log``:
 
 from __future__ import annotations
 
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from arcompile import progress
+from arcompile.compiler import quantization
+from arcompile.compiler import self_draft as own_draft
+from arcompile.compiler.quantization import KV_CACHE_DTYPES
+from arcompile.compiler.uncached import (
+    UncachedEngineWarning,
+    kv_cache_mode,
+    may_be_causal,
+    warning_block,
+)
+from arcompile.compiler.write_engine import write_engine
 from arcompile.errors import ArcompileError
+from arcompile.frontend.from_export import from_exported_program
+from arcompile.frontend.load import LoadedModel, load_model
 from arcompile.ir.verify import verify
-from arcompile.passes import NumericCheckHook, PassManager, PassRecord, VerifyHook, build_pipeline
+from arcompile.passes import (
+    NumericCheckHook,
+    PassManager,
+    PassRecord,
+    VerifyHook,
+    build_pipeline,
+)
+from arcompile.passes.dce import DeadCodeElimination
+from arcompile.passes.insert_kv_cache import InsertKVCache
 from arcompile.passes.manager import Hook
-from arcompile.runtimes.engine_dir import check_output_dir, staging_dir, write_manifest
+from arcompile.passes.pack_attention import PackAttention
+from arcompile.passes.skip_ffn import SkipFFN
+from arcompile.runtimes.engine_dir import check_output_dir
+from arcompile.serve.engine import load_tokenizer
 
 SAMPLE_SHAPE = (1, 8)
 DEFAULT_MAX_CONTEXT = 2048  # when the model's config names no max_position_embeddings
@@ -55,7 +76,7 @@ class OptimizeReport:
     kv_cache_refused: str | None = None  # why InsertKVCache left the graph uncached
     quantization: dict | None = None  # the manifest's quantization entry (gate figures)
     # kv_cache="auto" wrote an uncached engine for a model that may have causal attention:
-    # the warning block (arcompile/uncached.py), also raised as UncachedEngineWarning
+    # the warning block (compiler/uncached.py), also raised as UncachedEngineWarning
     kv_cache_warning: str | None = None
 
 
@@ -83,7 +104,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     also ``True``): make a cached step engine, and when the pass refuses write the uncached
     engine, say why and warn (``UncachedEngineWarning``, ``report.kv_cache_warning``);
     ``"require"``: a refusal is an ArcompileError and nothing is written; ``"off"`` (also
-    ``False``): never try (``arcompile/uncached.py``).
+    ``False``): never try (``compiler/uncached.py``).
     ``kv_cache_runtime``: ``"inplace"`` (default: GroupQueryAttention writing into
     [B, Hkv, capacity, D] buffers the engine allocates per call, bound as both past and
     present) or ``"concat"`` (presents are new arrays fed back; copies the cache every step).
@@ -101,7 +122,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     (ORT's kernel) or ``"qdq"`` (standard DequantizeLinear -> MatMul, TensorRT's form);
     ``gate_fallback``: when the gate trips, keep the worst-quantized modules in ``"int8"`` or
     ``"fp32"`` (True: the mode's default), as few as pass it (``quant_fallback.py``), instead
-    of failing: see ``arcompile/quantization.py`` for the defaults. ``skip``: layer-skip
+    of failing: see ``compiler/quantization.py`` for the defaults. ``skip``: layer-skip
     routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
     (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
     run-time flag (``generate(skip=...)``, ``speculative="self"``). ``kv_cache_dtype``:
@@ -114,8 +135,6 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     """
     if options:
         raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
-    from arcompile.uncached import kv_cache_mode
-
     cache_mode = kv_cache_mode(kv_cache)
     kv_cache = cache_mode != "off"
     if not quantize:  # settings of a quantization nobody asked for
@@ -128,8 +147,6 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         if given:
             raise ArcompileError(f"{', '.join(given)} without quantize (--quantize) does "
                                  f"nothing; pass a --quantize mode")
-    from arcompile.quantization import KV_CACHE_DTYPES
-
     if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
         raise ArcompileError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of "
                              f"{', '.join(KV_CACHE_DTYPES)}")
@@ -143,8 +160,6 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
                              f"{kv_cache_runtime}")
     if kv_cache_runtime not in ("concat", "inplace"):
         raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
-    from arcompile import self_draft as own_draft
-
     own_draft.check_options(self_draft, quantize, kv_cache, kv_cache_dtype)
     check_output_dir(Path(output_dir))  # before the slow part, not after it
     if max_context is not None and int(max_context) < 1:
@@ -153,9 +168,6 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     start = time.perf_counter()
     pipeline = build_pipeline(passes)  # fail on a bad --passes before the slow load
     given_tok = _tokenizer(None, tokenizer)  # and on a tokenizer folder arcompile refuses
-
-    from arcompile.frontend.from_export import from_exported_program
-    from arcompile.frontend.load import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):  # already loaded (tests and tools share one load)
         loaded = model
@@ -211,8 +223,6 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     if skip is not None:  # layer-skip routing: after the cache, before quantization
         records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
     if quantize or kv_int8:
-        from arcompile import quantization
-
         quant_records, quantized = quantization.quantize(
             graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
             method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
@@ -235,70 +245,11 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     say(f"wrote {output_dir} in {seconds:.1f} s")
     warning = None
     if refused and cache_mode == "auto":
-        from arcompile.uncached import UncachedEngineWarning, may_be_causal, warning_block
-
         if may_be_causal(graph):
             warning = warning_block(refused)
             warnings.warn(UncachedEngineWarning(warning), stacklevel=2)
     return OptimizeReport(Path(output_dir), records, diff, nodes_traced, len(graph), seconds,
                           manifest, cache_layout, refused, quantized, warning)
-
-
-def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord],
-                 tokenizer: Any = None, sample: torch.Tensor | None = None,
-                 refused: str | None = None, log: Callable[[str], None] | None = None,
-                 extra: dict | None = None, validate: Callable[[Path], None] | None = None,
-                 nested: Callable[[Path], dict] | None = None
-                 ) -> tuple[dict, dict | None, float]:
-    """Lower ``graph`` as it stands into an engine directory (staged, moved into place).
-
-    With ``sample``, ONNX Runtime (its optimizations off) is checked against the reference
-    interpreter on it. Returns (manifest, the manifest's kv_cache entry or None, that check's
-    max |Δlogit| or NaN). ``extra``: more manifest entries. ``validate(folder)`` runs on the
-    staged engine once its manifest is written (it may update ``extra``; raising leaves
-    nothing behind). ``nested(folder)`` writes more into the staged engine before its
-    manifest, which then lists those files too, and returns more manifest entries (the
-    self-draft). ``optimize`` and ``arcompile profile`` (once per pass) use it.
-    """
-    from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
-
-    say = log or (lambda _msg: None)
-    with staging_dir(Path(output_dir)) as tmp:
-        say("lowering to ONNX")
-        with progress.step("lowering to ONNX, writing weights"):
-            io = lower_to_onnx(graph, tmp)
-        cache_layout = _cache_manifest(graph, io) if graph.meta.get("kv_cache") else None
-        with progress.step("checking ONNX Runtime against the interpreter",
-                           echo=sample is not None):
-            diff = _check_lowering(graph, tmp, sample) if sample is not None else float("nan")
-        if sample is not None:
-            say(f"  ONNX Runtime vs reference interpreter: max|Δlogit| {diff:.2g}")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        entries = {
-            "runtime": "onnxruntime-cpu",
-            "model_file": "model.onnx",
-            "inputs": io["inputs"],
-            "outputs": io["outputs"],
-            "padding_side": "right",
-            "kv_cache": cache_layout,
-            **({"kv_cache_refused": refused} if refused else {}),
-            # layer-skip routing (passes/skip_ffn.py): its flags input, blocks and choice
-            **({"skip_ffn": graph.meta["skip_ffn"]} if graph.meta.get("skip_ffn") else {}),
-            **(nested(tmp) if nested is not None else {}),
-            "passes": [r.as_dict() for r in records],
-            "lowering_max_abs_diff": diff,
-            "source": {"path": loaded.source, "kind": loaded.source_kind,
-                       "sha256": loaded.source_sha256},
-            "config": {k: v for k, v in loaded.config.items() if v is not None},
-            "tools": _tool_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        manifest = write_manifest(tmp, {**entries, **(extra or {})})
-        if validate is not None:  # the files are as they were: only the entries change
-            validate(tmp)
-            manifest = write_manifest(tmp, {**entries, **(extra or {})}, manifest["files"])
-    return manifest, cache_layout, diff
 
 
 def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_context: int,
@@ -308,10 +259,6 @@ def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_
     Each proves itself against the graph it got (the cached step's inputs are not the traced
     graph's, so the pipeline's numeric check cannot). Returns (the layout or None, refusal
     reason, records)."""
-    from arcompile.passes.dce import DeadCodeElimination
-    from arcompile.passes.insert_kv_cache import InsertKVCache
-    from arcompile.passes.pack_attention import PackAttention
-
     say("inserting the KV cache")
     records = PassManager([InsertKVCache(runtime_cache=runtime_cache, max_context=max_context),
                            DeadCodeElimination()], [VerifyHook(), *hooks], log=say).run(graph)
@@ -352,8 +299,6 @@ def _skip_ffn(graph, budget: float, tokenizer: Any, vocab: int, say: Callable[[s
               hooks: Sequence[Hook] = (), max_tokens: int | None = None) -> list:
     """SkipFFN (calibrated on calibration text, perplexity measured on held-out text),
     verified; ArcompileError when it refuses (``--skip`` asked for it)."""
-    from arcompile.passes.skip_ffn import SkipFFN
-
     say(f"routing feed-forward blocks (skip budget {budget:g})")
     try:
         skip = SkipFFN(budget, tokenizer=tokenizer, vocab=vocab, measure=True,
@@ -370,106 +315,6 @@ def _skip_ffn(graph, budget: float, tokenizer: Any, vocab: int, say: Callable[[s
     return records
 
 
-def _cache_manifest(graph, io: dict) -> dict:
-    """The manifest's ``kv_cache`` entry: names of the cache inputs/outputs and their shape."""
-    layout = dict(graph.meta["kv_cache"])
-    pasts = [graph.inputs[[v.name for v in graph.inputs].index(k)]
-             for k, _ in layout["past"]]
-    heads = sorted({v.shape[1] for v in pasts})
-    dims = sorted({v.shape[3] for v in pasts})
-    layout.update({
-        "logits": io["outputs"][0]["name"],  # the step's first output, [B, T, V]
-        "tokens": io["inputs"][0]["name"],
-        "layers": len(layout["past"]),
-        "num_kv_heads": heads[0] if len(heads) == 1 else [v.shape[1] for v in pasts],
-        "head_dim": dims[0] if len(dims) == 1 else [v.shape[3] for v in pasts],
-        "dtype": io["inputs"][2]["dtype"],
-        # concat: presents are new arrays, fed back as the next pasts; inplace: past and
-        # present are bound to the same [B, Hkv, max_context, D] buffers (I/O binding)
-        "runtime_cache": layout.get("runtime_cache", "concat"),
-    })
-    return layout
-
-
-def _check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
-    """ONNX Runtime (its optimizations off) against the reference interpreter in float64 on
-    ``sample``; max |Δlogit|, or ArcompileError beyond ``numeric_check.LOWERING`` of the
-    logits' magnitude."""
-    from arcompile.passes.insert_kv_cache import empty_cache
-    from arcompile.passes.numeric_check import LOWERING, run_exact, scale
-    from arcompile.runtimes.onnxruntime.session import make_session
-
-    session = make_session(folder / "model.onnx", optimize=False)
-    names = [i.name for i in session.get_inputs()]
-    if graph.meta.get("kv_cache") is None:
-        want = run_exact(graph, [sample])[0].numpy()
-        got = session.run(None, {names[0]: sample.numpy()})[0]
-        diff = float(np.abs(got - want).max())
-    elif graph.meta["kv_cache"].get("runtime_cache") == "inplace":
-        diff, want = _check_inplace(graph, session, sample)
-    else:  # cached step: the IR with an empty cache (P = 0) against ORT, all at once and
-        # in two steps with the presents fed back (the cache path itself)
-        from arcompile.passes.insert_kv_cache import step_inputs
-
-        empty = [x.numpy() for x in empty_cache(graph, sample.shape[0])]
-        zero, all_rows = np.array(0, dtype=np.int64), np.array(0, dtype=np.int64)
-        ids = sample.numpy()
-        want = run_exact(graph, step_inputs(graph, sample, torch.tensor(0), [
-            torch.from_numpy(e) for e in empty], torch.tensor(0)))[0].numpy()
-
-        def run(tokens, past, pasts):
-            return session.run(None, dict(zip(names, step_inputs(graph, tokens, past, pasts,
-                                                                  all_rows))))
-        whole = run(ids, zero, empty)
-        split = sample.shape[1] // 2
-        first = run(ids[:, :split], zero, empty)
-        second = run(ids[:, split:], np.array(split, dtype=np.int64), first[1:])
-        stepped = np.concatenate([first[0], second[0]], axis=1)
-        diff = float(max(np.abs(whole[0] - want).max(), np.abs(stepped - want).max()))
-    tolerance = LOWERING * scale(want)
-    if not diff <= tolerance:  # NaN fails too
-        raise ArcompileError(f"the lowered ONNX model differs from the IR by max|Δlogit| {diff:.3g} "
-                             f"(tolerance {tolerance:.3g}: {LOWERING:g} of the logits' "
-                             f"magnitude); this is a lowering bug")
-    return diff
-
-
-def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndarray]:
-    """The in-place step as the engine drives it (buffers bound as past and present): the
-    IR with an empty cache against ORT all at once and split in two steps."""
-    from arcompile.passes.insert_kv_cache import empty_cache, past_inputs, step_inputs
-    from arcompile.passes.numeric_check import run_exact
-    from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
-
-    layout = graph.meta["kv_cache"]
-    zero = torch.tensor(0, dtype=torch.int64)
-    want = run_exact(graph, step_inputs(graph, sample, zero, empty_cache(graph, sample.shape[0]),
-                                        zero))[0].numpy()
-    pasts = past_inputs(graph)
-    step = InplaceStep(session, graph.inputs[0].name, layout["past_length"],
-                       session.get_outputs()[0].name, [v.name for v in pasts],
-                       [n for pair in layout["present"] for n in pair],
-                       layout["max_context"], layout["logits_to_keep"],
-                       # layer-skip routing's flags: none set (``passes/skip_ffn.py``)
-                       {skip["input"]: np.zeros(len(skip["blocks"]), dtype=bool)}
-                       if (skip := graph.meta.get("skip_ffn")) else None)
-    shapes = [v.shape for v in pasts]
-    dtypes = [np.dtype(str(v.dtype).removeprefix("torch.")) for v in pasts]
-    ids = sample.numpy()
-    capacity = ids.shape[1] + 1  # a little more than the tokens: the engine's buffers vary
-    whole, _ = step(ids, 0, step.buffers(ids.shape[0], capacity, shapes, dtypes))
-    split = ids.shape[1] // 2
-    buffers = step.buffers(ids.shape[0], capacity, shapes, dtypes)
-    first, buffers = step(ids[:, :split], 0, buffers)
-    second, _ = step(ids[:, split:], split, buffers)
-    stepped = np.concatenate([first, second], axis=1)
-    diff = max(np.abs(whole - want).max(), np.abs(stepped - want).max())
-    if layout["logits_to_keep"] is not None:  # a prefill that keeps the last row only
-        last, _ = step(ids, 0, step.buffers(ids.shape[0], capacity, shapes, dtypes), keep=1)
-        diff = max(diff, np.abs(last - want[:, -1:]).max())
-    return float(diff), want
-
-
 def _tokenizer(from_source: Any, folder: str | Path | None) -> Any:
     if folder is None:
         return from_source
@@ -479,18 +324,6 @@ def _tokenizer(from_source: Any, folder: str | Path | None) -> Any:
         raise ArcompileError("--tokenizer needs the hf extra: pip install 'arcompile[hf]'") from None
     if not Path(folder).is_dir():
         raise ArcompileError(f"tokenizer folder {folder} does not exist")
-    from arcompile.engine import load_tokenizer
-
     return load_tokenizer(AutoTokenizer, Path(folder), ArcompileError)
 
 
-def _tool_versions() -> dict:
-    import networkx
-    import onnx
-    import onnxruntime
-
-    from arcompile import __version__
-
-    return {"arcompile": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "networkx": networkx.__version__,
-            "python": platform.python_version()}

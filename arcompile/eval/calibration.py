@@ -18,7 +18,10 @@ from typing import Any, Callable, Iterable
 import torch
 
 from arcompile import progress
+from arcompile.eval import heldtext
+from arcompile.ir.cached_step import empty_cache, step_inputs
 from arcompile.ir.graph import Graph, Node
+from arcompile.ir.interpreter import run_graph
 
 DEFAULT_SAMPLES = 16
 DEFAULT_LENGTH = 128
@@ -34,8 +37,6 @@ def calibration_ids(tokenizer: Any, vocab: int, samples: int = DEFAULT_SAMPLES,
         gen = torch.Generator().manual_seed(11)
         ids = torch.randint(0, vocab, (samples, length), generator=gen).tolist()
         return ids, "seeded random token ids (no tokenizer)"
-    from arcompile import heldtext
-
     flat = heldtext.token_ids(tokenizer, heldtext.CALIBRATION, samples * length)
     return ([flat[i * length:(i + 1) * length] for i in range(samples)],
             f"{samples} x {length} tokens of pydoc_data text (calibration region)")
@@ -47,8 +48,6 @@ def graph_inputs(graph: Graph, ids: list[int]) -> list[torch.Tensor]:
     tokens = torch.tensor([ids])
     if not graph.meta.get("kv_cache"):
         return [tokens]
-    from arcompile.passes.insert_kv_cache import empty_cache, step_inputs
-
     return step_inputs(graph, tokens, torch.tensor(0), empty_cache(graph, 1), torch.tensor(0))
 
 
@@ -56,8 +55,6 @@ def observe_inputs(graph: Graph, sequences: Iterable[list[int]], nodes: Iterable
                    visit: Callable[[Node, list[Any]], None]) -> None:
     """Run every sequence through ``graph`` in the interpreter; ``visit(node, args)`` gets the
     input values of each node in ``nodes`` every time it runs."""
-    from arcompile.ir.interpreter import run_graph
-
     wanted = set(nodes)
 
     def observe(node: Node, args: list[Any]) -> None:

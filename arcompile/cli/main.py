@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from arcompile import progress
+from arcompile import __version__, progress
 from arcompile.errors import ArcompileError
 
 
@@ -22,8 +22,8 @@ def _log(msg: str) -> None:
 def cmd_optimize(args: argparse.Namespace) -> int:
     import warnings
 
-    from arcompile.compile import optimize
-    from arcompile.uncached import UncachedEngineWarning
+    from arcompile.compiler.optimize import optimize
+    from arcompile.compiler.uncached import UncachedEngineWarning
 
     with warnings.catch_warnings():  # the CLI prints the block itself, last
         warnings.simplefilter("ignore", UncachedEngineWarning)
@@ -70,7 +70,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                      + (f", perplexity {ppl['full']:.3f} -> {ppl['skipped']:.3f} "
                         f"({ppl['increase']:+.1%})" if ppl else ""))
     if report.manifest.get("self_draft"):
-        from arcompile.self_draft import describe
+        from arcompile.compiler.self_draft import describe
 
         lines.append(f"self-draft: {describe(report.manifest['self_draft'])}")
     lines.append(f"engine: {report.output_dir}  ({report.nodes_traced} -> "
@@ -103,11 +103,11 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from arcompile.engine import load
+    from arcompile.serve.engine import load
 
     eng = load(args.engine, threads=args.threads)
     if not eng.kv_cache:
-        from arcompile.uncached import describe
+        from arcompile.compiler.uncached import describe
 
         _log(f"arcompile: note: {describe(eng.manifest)}")
     if args.prompt is not None:
@@ -155,8 +155,8 @@ def _report_speculation(eng) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from arcompile.chat import ChatSession
-    from arcompile.engine import load
+    from arcompile.serve.chat import ChatSession
+    from arcompile.serve.engine import load
 
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -235,8 +235,13 @@ def _skip_fraction(text: str) -> float:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from arcompile.profile import profile
-    from arcompile.profile_report import format_modes, format_table, plot, write_json
+    from arcompile.cli.profile_report import (
+        format_modes,
+        format_table,
+        plot,
+        write_json,
+    )
+    from arcompile.cli.profiling import profile
     from arcompile.runtimes.onnxruntime.session import check_threads
 
     check_threads(args.threads)  # before the long run, not after it
@@ -264,7 +269,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from arcompile.inspect import inspect_path
+    from arcompile.cli.describe import inspect_path
 
     print(inspect_path(args.target, show_constants=args.constants, limit=args.limit,
                        passes=args.passes, log=_log))
@@ -354,8 +359,6 @@ def transform_options(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from arcompile import __version__
-
     p = argparse.ArgumentParser(prog="arcompile",
                                 description="Compile autoregressive PyTorch models into fast "
                                             "decoding engines (ONNX Runtime).")

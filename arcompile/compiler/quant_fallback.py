@@ -31,6 +31,10 @@ from typing import Callable
 
 import numpy as np
 
+from arcompile.eval.metrics import graph_logits, perplexity
+from arcompile.passes import PassManager, VerifyHook
+from arcompile.passes.dce import DeadCodeElimination
+
 # the tries' aim below the bound: a quarter of it, at most a point of relative perplexity
 MARGIN_SHARE, MARGIN_MAX = 0.25, 0.01
 
@@ -46,12 +50,6 @@ def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], befor
     modules of ``quantizer.errors`` kept in ``to`` ("int8" or "fp32"), as few as pass the gate;
     make ``graph`` that result. Returns (records, logits [T, V], manifest entry), or None
     when no count passes (``graph`` is left as it was)."""
-    from arcompile.passes import PassManager, VerifyHook
-    from arcompile.passes.dce import DeadCodeElimination
-    from arcompile.passes.insert_kv_cache import _adopt, _copy_graph
-    from arcompile.profile_measure import perplexity
-    from arcompile.quantization import graph_logits
-
     ranked = sorted(quantizer.errors, key=lambda m: (m not in quantizer.head_modules,
                                                      -quantizer.errors[m], m))
     aim = limit - margin(limit)
@@ -63,7 +61,7 @@ def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], befor
         setattr(quantizer, "keep_int8" if to == "int8" else "keep_float", set(ranked[:count]))
 
     def attempt(count: int) -> bool:
-        work = _copy_graph(float_graph)
+        work = float_graph.copy()
         keep(count)
         records = PassManager([*passes, DeadCodeElimination()], [VerifyHook()]).run(work)
         logits = graph_logits(work, ids)
@@ -91,7 +89,7 @@ def fall_back(graph, float_graph, passes: list, quantizer, ids: list[int], befor
             failed = middle
     work, records, logits, increase = tries[count]
     keep(count)
-    _adopt(graph, work)
+    graph.adopt(work)
     entry = {"to": to, "kept": ranked[:count], "modules": len(ranked), "aim": aim,
              "ranked_by": quantizer.errors_measure,
              "errors": {m: quantizer.errors[m] for m in ranked},

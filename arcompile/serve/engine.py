@@ -19,7 +19,7 @@ per routed feed-forward block: ``generate(..., skip=True)`` decodes with the cal
 skipped (lossy; ``skip=0.3``: the top 30% of the ranking), and ``speculative="self"`` drafts
 with them skipped and verifies with the full model, losslessly for greedy decoding
 (``speculative.py``); an engine optimized with ``self_draft="int4"`` drafts with its own
-quantized copy instead (``self_draft.py``; faster on small models). ``speculative="ngram"``
+quantized copy instead (``compiler/self_draft.py``; faster on small models). ``speculative="ngram"``
 (prompt lookup) needs only the cache:
 
     new = eng.generate(ids, max_new_tokens=128, speculative="self", draft_tokens=4)
@@ -44,11 +44,23 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from arcompile import checks
-from arcompile.decoding import Sampler, as_batch, check_context, decode_steps, pad_right
-from arcompile.errors import DecodeError, EngineError
-from arcompile.kv_decoding import cached_decode_steps
-from arcompile.runtimes.engine_dir import read_manifest
+from arcompile.errors import DecodeError, EngineError, first_line
+from arcompile.ir.skip_routing import choose
+from arcompile.runtimes.engine_dir import DRAFT_FOLDER, MANIFEST, read_manifest
+from arcompile.runtimes.onnxruntime.dtypes import ONNX_DTYPE_NAMES
+from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
+from arcompile.runtimes.onnxruntime.session import check_threads, make_session
+from arcompile.serve import checks
+from arcompile.serve import speculative as spec
+from arcompile.serve.chat_template import render
+from arcompile.serve.decoding import (
+    Sampler,
+    as_batch,
+    check_context,
+    decode_steps,
+    pad_right,
+)
+from arcompile.serve.kv_decoding import cached_decode_steps
 
 RUNTIMES = ("onnxruntime-cpu",)
 # The bound of an engine whose manifest names none (an uncached engine from a .pt2 without a
@@ -60,8 +72,6 @@ DEFAULT_MAX_CONTEXT = 2048
 
 class Engine:
     def __init__(self, path: str | Path, threads: int | None = None, check_hashes: bool = True):
-        from arcompile.runtimes.onnxruntime.session import check_threads, make_session
-
         self.path = Path(path)
         self._threads = check_threads(threads)  # before the manifest's hashes, which take time
         self.manifest = read_manifest(self.path, check_hashes=check_hashes)
@@ -73,7 +83,7 @@ class Engine:
         try:
             self._session = make_session(model, threads=threads)
         except Exception as e:  # ONNX Runtime's refusals (a path escape is "Fail") are generic
-            raise EngineError(f"ONNX Runtime cannot open {model}: {_first_line(e)}; the engine "
+            raise EngineError(f"ONNX Runtime cannot open {model}: {first_line(e)}; the engine "
                               "is damaged or was written by another arcompile") from None
         _check_signature(self.manifest, self._session, model)
         self._input = self.manifest["inputs"][0]["name"]
@@ -97,8 +107,6 @@ class Engine:
             self._past_dtypes = [np.dtype(inputs[n]["dtype"]) for n in self._past_names]
             self._keep = self._cache.get("logits_to_keep")  # input name, or None: all rows
             if self._cache.get("runtime_cache") == "inplace":  # buffers bound past = present
-                from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
-
                 self._inplace = InplaceStep(self._session, self._input,
                                             self._cache["past_length"], self._output,
                                             self._past_names, self._present_names,
@@ -173,8 +181,6 @@ class Engine:
         if self._skip is None:
             raise DecodeError("this engine has no layer-skip routing; optimize with --skip "
                               "FRACTION (e.g. --skip 0.25)")
-        from arcompile.passes.skip_ffn import choose
-
         try:
             chosen = choose(self._skip, skip)
         except ValueError as e:
@@ -272,8 +278,6 @@ class Engine:
                      eos_token_id, skip, mode: str, draft_tokens: int, draft_skip,
                      min_confidence: float | None, draft_engine=None
                      ) -> Iterator[list[int | None]]:
-        from arcompile import speculative as spec
-
         if not isinstance(mode, str) or mode not in spec.MODES:
             raise DecodeError(f"speculative must be None or one of {', '.join(spec.MODES)}, "
                               f"got {mode!r}")
@@ -350,12 +354,18 @@ class Engine:
         return getattr(self._local, "speculation", None)
 
     def _own_draft(self) -> "Engine":
-        """The self-draft (``self_draft.py``), loaded once and checked like a draft engine."""
+        """The self-draft (``compiler/self_draft.py``), loaded once and checked like a draft
+        engine. Its files were checked with this engine's manifest; the folder is always
+        ``DRAFT_FOLDER``, whatever a manifest says, so a crafted manifest cannot point the
+        loader elsewhere."""
         with self._loading:
             if self._self_draft is None:
-                from arcompile import self_draft
-
-                self._self_draft = self._draft_engine(self_draft.load(self))
+                if f"{DRAFT_FOLDER}/{MANIFEST}" not in self.manifest.get("files", {}):
+                    raise EngineError(f"engine {self.path} names a self-draft but its files do "
+                                      f"not list {DRAFT_FOLDER}/; re-run `arcompile optimize "
+                                      f"--self-draft`")
+                own = Engine(self.path / DRAFT_FOLDER, threads=self._threads, check_hashes=False)
+                self._self_draft = self._draft_engine(own)
         return self._self_draft
 
     def _draft_engine(self, draft) -> "Engine":
@@ -417,8 +427,6 @@ class Engine:
         if chat:
             if not getattr(tok, "chat_template", None):
                 raise EngineError("this engine's tokenizer has no chat template; drop --chat")
-            from arcompile.chat_template import render
-
             # rendered here, with time and output bounds, not by transformers (chat_template.py)
             prompt = render(tok.chat_template, [{"role": "user", "content": text}],
                             add_generation_prompt=True, **tok.special_tokens_map)
@@ -455,7 +463,7 @@ def load_tokenizer(auto_tokenizer, folder: Path, error: type[Exception]) -> Any:
         return auto_tokenizer.from_pretrained(str(folder), local_files_only=True,
                                               trust_remote_code=False)
     except Exception as e:  # transformers raises ValueError, OSError and others
-        raise error(f"cannot read a tokenizer from {folder}: {_first_line(e)} (arcompile never "
+        raise error(f"cannot read a tokenizer from {folder}: {first_line(e)} (arcompile never "
                     "runs a tokenizer's own Python code; save one that the tokenizers library "
                     "reads alone, tokenizer.json)") from None
 
@@ -464,8 +472,6 @@ def _check_signature(manifest: dict, session, model: Path) -> None:
     """EngineError unless the manifest's inputs and outputs are the model's: same names, same
     dtypes, and the same size wherever both give a number (a manifest that claims a head size
     of 10**12 must not size buffers from it)."""
-    from arcompile.runtimes.onnxruntime.dtypes import ONNX_DTYPE_NAMES
-
     for kind, real in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         actual = {a.name: a for a in real}
         for entry in manifest[kind]:
@@ -479,12 +485,6 @@ def _check_signature(manifest: dict, session, model: Path) -> None:
                                   f"({entry['dtype']}{entry['shape']}) is not the model's "
                                   f"({a.type + str(a.shape) if a else 'absent'} in "
                                   f"{model.name}); the engine is damaged")
-
-
-def _first_line(e: BaseException) -> str:
-    from arcompile.frontend.load_errors import first_line
-
-    return first_line(e)
 
 
 def load(path: str | Path, threads: int | None = None) -> Engine:
