@@ -66,7 +66,7 @@ def positions_off_by_one(cached: Graph) -> Graph:
     too far (``past_length + 1`` whenever ``past_length > 0``). A shift of every position
     alike would be no bug for rotary models, whose attention sees only relative positions."""
     work = cached.copy()
-    name = work.meta["kv_cache"]["past_length"]
+    name = work.meta["kv_cache"].past_length
     past = next(v for v in work.inputs if v.name == name)
     uses = list(past.uses())
     cached_any = work.add_op("aten.gt.Scalar", {"self": past, "other": 0},

@@ -13,7 +13,7 @@ from helpers import ops, to_ir
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.frontend.load import load_model
 from arcompile.ir import print_graph, verify
-from arcompile.ir.cached_step import past_inputs, step_inputs
+from arcompile.ir.cached_step import CachedStep, past_inputs, step_inputs
 from arcompile.ir.graph import Graph
 from arcompile.ir.interpreter import run_graph
 from arcompile.passes import PassManager, VerifyHook, build_pipeline
@@ -131,11 +131,11 @@ def test_golden_llama_inputs_outputs_and_ops():
         ("present_key_0", ("B", 2, "P + T", 16)), ("present_value_0", ("B", 2, "P + T", 16)),
         ("present_key_1", ("B", 2, "P + T", 16)), ("present_value_1", ("B", 2, "P + T", 16))]
     assert graph.outputs[0].shape == ("B", "K", tm.VOCAB)  # the last logits_to_keep rows
-    assert graph.meta["kv_cache"] == {
-        "layout": "BHSD", "past_length": "past_length", "concat_dim": 2,
-        "past": [["past_key_0", "past_value_0"], ["past_key_1", "past_value_1"]],
-        "present": [["present_key_0", "present_value_0"], ["present_key_1", "present_value_1"]],
-        "logits_to_keep": "logits_to_keep", "runtime_cache": "concat"}
+    assert graph.meta["kv_cache"] == CachedStep(
+        past_length="past_length",
+        past=(("past_key_0", "past_value_0"), ("past_key_1", "past_value_1")),
+        present=(("present_key_0", "present_value_0"), ("present_key_1", "present_value_1")),
+        logits_to_keep="logits_to_keep", runtime_cache="concat", layout="BHSD", concat_dim=2)
     assert graph.meta["symbols"] == ["B", "K", "P", "T"]
     # the LM head reads the last rows of its input: x[:, -logits_to_keep:]
     head = graph.outputs[0].producer

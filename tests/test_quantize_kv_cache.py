@@ -127,10 +127,10 @@ def test_llama_cache_becomes_int8_with_one_scale_pair_per_layer():
     presents = [v.name for v in graph.outputs[1:]]
     record = quantize_cache(graph)
     assert record.counts == {"per_channel": 2} and not record.notes
-    layout = graph.meta["kv_cache"]
-    assert layout["dtype"] == "int8" and layout["kv_quant"] == "per_channel"
+    step = graph.meta["kv_cache"]
+    assert step.dtype == "int8" and step.kv_quant == "per_channel"
     pasts = {v.name: v for v in graph.inputs}
-    for pair in layout["past"]:
+    for pair in step.past:
         assert all(pasts[name].dtype == torch.int8 for name in pair)
     assert [v.name for v in graph.outputs[1:]] == presents  # the layout's names kept
     assert all(v.dtype == torch.int8 for v in graph.outputs[1:])
@@ -251,7 +251,7 @@ def test_concat_runtime_is_refused_and_left_as_it_was():
     before = print_graph(graph)
     record = quantize_cache(graph)
     assert not record.counts and "'concat'" in record.notes[0] and "in-place" in record.notes[0]
-    assert print_graph(graph) == before and "kv_quant" not in graph.meta["kv_cache"]
+    assert print_graph(graph) == before and graph.meta["kv_cache"].kv_quant is None
 
 
 def test_an_attention_pack_attention_left_unpacked_is_refused():

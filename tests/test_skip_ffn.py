@@ -12,7 +12,7 @@ import tiny_models as tm
 import torch
 from helpers import ops, to_ir
 
-from arcompile.ir.cached_step import past_inputs, step_inputs
+from arcompile.ir.cached_step import CachedStep, past_inputs, step_inputs
 from arcompile.ir.graph import Graph
 from arcompile.ir.interpreter import run_graph
 from arcompile.ir.skip_routing import budget_count, choose, flags
@@ -280,7 +280,8 @@ class SharedMLP(torch.nn.Module):
 def test_negative_ffn_output_with_another_reader_is_not_routed():
     graph = to_ir(SharedMLP().eval(), EXAMPLE)
     PassManager(build_pipeline("default"), [VerifyHook()]).run(graph)
-    graph.meta["kv_cache"] = {"logits_to_keep": None}  # as if cached: the check comes later
+    # as if cached: the check comes later
+    graph.meta["kv_cache"] = CachedStep(past_length="past_length", past=(), present=())
     before = ops(graph)
     record = route(graph, 0.5)
     assert record.counts == {}

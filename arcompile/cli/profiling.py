@@ -108,7 +108,7 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
                     measured = _run_worker({**request, "engine": str(folder)})
             row = {"pass": name, "nodes": len(graph),
                    "compile_s": record.seconds if record else 0.0, "lower_s": lower_s,
-                   "kv_cache": bool(graph.meta.get("kv_cache")),
+                   "kv_cache": graph.meta.get("kv_cache") is not None,
                    "engine_mb": sum(f.stat().st_size for f in folder.rglob("*")
                                     if f.is_file()) / 2**20,
                    **measured}

@@ -25,7 +25,7 @@ def check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
         want = run_exact(graph, [sample])[0].numpy()
         got = session.run(None, {names[0]: sample.numpy()})[0]
         diff = float(np.abs(got - want).max())
-    elif graph.meta["kv_cache"].get("runtime_cache") == "inplace":
+    elif graph.meta["kv_cache"].runtime_cache == "inplace":
         diff, want = _check_inplace(graph, session, sample)
     else:  # cached step: the IR with an empty cache (P = 0) against ORT, all at once and
         # in two steps with the presents fed back (the cache path itself)
@@ -55,15 +55,15 @@ def check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
 def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndarray]:
     """The in-place step as the engine drives it (buffers bound as past and present): the
     IR with an empty cache against ORT all at once and split in two steps."""
-    layout = graph.meta["kv_cache"]
+    cached = graph.meta["kv_cache"]
     zero = torch.tensor(0, dtype=torch.int64)
     want = run_exact(graph, step_inputs(graph, sample, zero, empty_cache(graph, sample.shape[0]),
                                         zero))[0].numpy()
     pasts = past_inputs(graph)
-    step = InplaceStep(session, graph.inputs[0].name, layout["past_length"],
+    step = InplaceStep(session, graph.inputs[0].name, cached.past_length,
                        session.get_outputs()[0].name, [v.name for v in pasts],
-                       [n for pair in layout["present"] for n in pair],
-                       layout["max_context"], layout["logits_to_keep"],
+                       [n for pair in cached.present for n in pair],
+                       cached.max_context, cached.logits_to_keep,
                        # layer-skip routing's flags: none set (``passes/skip_ffn.py``)
                        {skip["input"]: np.zeros(len(skip["blocks"]), dtype=bool)}
                        if (skip := graph.meta.get("skip_ffn")) else None)
@@ -78,7 +78,7 @@ def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndar
     second, _ = step(ids[:, split:], split, buffers)
     stepped = np.concatenate([first, second], axis=1)
     diff = max(np.abs(whole - want).max(), np.abs(stepped - want).max())
-    if layout["logits_to_keep"] is not None:  # a prefill that keeps the last row only
+    if cached.logits_to_keep is not None:  # a prefill that keeps the last row only
         last, _ = step(ids, 0, step.buffers(ids.shape[0], capacity, shapes, dtypes), keep=1)
         diff = max(diff, np.abs(last - want[:, -1:]).max())
     return float(diff), want

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,6 +43,7 @@ from arcompile.compiler.write_engine import write_engine
 from arcompile.errors import ArcompileError
 from arcompile.frontend.from_export import from_exported_program
 from arcompile.frontend.load import LoadedModel, load_model
+from arcompile.ir.cached_step import CachedStep
 from arcompile.ir.verify import verify
 from arcompile.passes import (
     NumericCheckHook,
@@ -187,36 +188,37 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             checks.append(NumericCheckHook(graph, [sample]))
     say(f"running {len(pipeline)} passes on {nodes_traced} nodes")
     records = PassManager(pipeline, checks + list(hooks), log=say).run(graph)
-    cache_layout, refused = None, None
+    cached, refused = None, None  # the CachedStep (ir/cached_step.py), or None: uncached
     if kv_cache:
         limit = int(max_context or loaded.config.get("max_position_embeddings")
                     or DEFAULT_MAX_CONTEXT)
-        cache_layout, refused, cache_records = _insert_kv_cache(
+        cached, refused, cache_records = _insert_kv_cache(
             graph, say, kv_cache_runtime, limit, hooks)
         records += cache_records
         if refused and cache_mode == "require":
             raise ArcompileError(f"--kv-cache require: the KV cache could not be inserted: "
                                  f"{refused}; nothing was written")
         table = _position_table(graph)
-        if cache_layout is not None and table is not None and table[0] < limit:
+        if cached is not None and table is not None and table[0] < limit:
             if max_context is not None:
                 raise ArcompileError(f"--max-context {max_context} is beyond the model's "
                                      f"{table[0]} positions (the position table {table[1]})")
-            limit = cache_layout["max_context"] = graph.meta["kv_cache"]["max_context"] = table[0]
+            limit = table[0]
+            cached = graph.meta["kv_cache"] = replace(cached, max_context=limit)
             say(f"  max context {limit}: the rows of the position table {table[1]}")
-        if kv_int8 and cache_layout is None:
+        if kv_int8 and cached is None:
             raise ArcompileError(f"--kv-cache-dtype int8: the KV cache was not inserted, so "
                                  f"there is none to quantize ({refused}); nothing was written")
 
     tok = given_tok if tokenizer is not None else loaded.tokenizer
     extra, validate, quantized = {}, None, None
     # the most tokens the model takes: calibration and held-out measurements stay within it
-    context = (int(cache_layout["max_context"]) if cache_layout is not None
+    context = (cached.max_context if cached is not None
                else int(max_context or loaded.config.get("max_position_embeddings") or 0)
                or None)
     nested = None
     if self_draft is not None:  # copied before the engine's own routing and quantization
-        if cache_layout is None:
+        if cached is None:
             raise ArcompileError(f"--self-draft drafts into the KV cache, which was not "
                                  f"inserted ({refused}); nothing was written")
         nested = own_draft.writer(graph, self_draft, tok, int(vocab), loaded, say, context)
@@ -253,22 +255,20 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
 
 
 def _insert_kv_cache(graph, say: Callable[[str], None], runtime_cache: str, max_context: int,
-                     hooks: Sequence[Hook] = ()) -> tuple[dict | None, str | None, list]:
+                     hooks: Sequence[Hook] = ()) -> tuple[CachedStep | None, str | None, list]:
     """InsertKVCache then DCE, verified; for the in-place runtime then PackAttention and DCE
     (attention on the projections' [B, T, n*D] layout, one GroupQueryAttention per layer).
     Each proves itself against the graph it got (the cached step's inputs are not the traced
-    graph's, so the pipeline's numeric check cannot). Returns (the layout or None, refusal
-    reason, records)."""
+    graph's, so the pipeline's numeric check cannot). Returns (the CachedStep or None,
+    refusal reason, records)."""
     say("inserting the KV cache")
     records = PassManager([InsertKVCache(runtime_cache=runtime_cache, max_context=max_context),
                            DeadCodeElimination()], [VerifyHook(), *hooks], log=say).run(graph)
-    layout = graph.meta.get("kv_cache")
-    if layout is not None and records[0].counts.get("attention_cached"):
+    if graph.meta.get("kv_cache") is not None and records[0].counts.get("attention_cached"):
         if runtime_cache == "inplace":
             records += PassManager([PackAttention(), DeadCodeElimination()],
                                    [VerifyHook(), *hooks], log=say).run(graph)
-            layout = graph.meta["kv_cache"]
-        return dict(layout), None, records
+        return graph.meta["kv_cache"], None, records
     reason = "; ".join(records[0].notes) or "insert_kv_cache: refused (no reason given)"
     say(f"  KV cache not inserted, the engine is uncached: {reason}")
     return None, reason, records
@@ -278,8 +278,9 @@ def _position_table(graph) -> tuple[int, str] | None:
     """(rows, where) of the smallest constant table that the cached step indexes with values
     computed from ``past_length`` (learned position embeddings, OPT's offset positions):
     the model has no position beyond it. None when there is none (rotary, computed tables)."""
-    layout = graph.meta.get("kv_cache") or {}
-    past = next((v for v in graph.inputs if v.name == layout.get("past_length")), None)
+    cached = graph.meta.get("kv_cache")
+    name = cached.past_length if cached is not None else None
+    past = next((v for v in graph.inputs if v.name == name), None)
     if past is None:
         return None
     reach, stack = {past}, [past]  # every value computed from past_length

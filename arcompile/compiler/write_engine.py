@@ -15,6 +15,7 @@ import torch
 
 from arcompile import __version__, progress
 from arcompile.compiler.lowering_check import check_lowering
+from arcompile.ir.cached_step import past_inputs
 from arcompile.passes.manager import PassRecord
 from arcompile.runtimes.engine_dir import staging_dir, write_manifest
 from arcompile.runtimes.onnxruntime.lower import lower_to_onnx
@@ -76,24 +77,33 @@ def write_engine(graph, output_dir: str | Path, loaded, records: list[PassRecord
 
 
 def cache_manifest(graph, io: dict) -> dict:
-    """The manifest's ``kv_cache`` entry: names of the cache inputs/outputs and their shape."""
-    layout = dict(graph.meta["kv_cache"])
-    pasts = [graph.inputs[[v.name for v in graph.inputs].index(k)]
-             for k, _ in layout["past"]]
-    heads = sorted({v.shape[1] for v in pasts})
-    dims = sorted({v.shape[3] for v in pasts})
-    layout.update({
-        "logits": io["outputs"][0]["name"],  # the step's first output, [B, T, V]
-        "tokens": io["inputs"][0]["name"],
-        "layers": len(layout["past"]),
-        "num_kv_heads": heads[0] if len(heads) == 1 else [v.shape[1] for v in pasts],
-        "head_dim": dims[0] if len(dims) == 1 else [v.shape[3] for v in pasts],
-        "dtype": io["inputs"][2]["dtype"],
+    """The manifest's ``kv_cache`` entry: the graph's ``CachedStep`` (``ir/cached_step.py``)
+    with the lowered names of the tokens and logits and the cache's shape and dtype."""
+    step = graph.meta["kv_cache"]
+    keys = past_inputs(graph)[::2]  # per layer, its past key [B, Hkv, P, D]
+    heads = sorted({v.shape[1] for v in keys})
+    dims = sorted({v.shape[3] for v in keys})
+    entry = {
+        "layout": step.layout, "past_length": step.past_length,
+        "past": [list(pair) for pair in step.past],
+        "present": [list(pair) for pair in step.present],
+        "concat_dim": step.concat_dim, "logits_to_keep": step.logits_to_keep,
         # concat: presents are new arrays, fed back as the next pasts; inplace: past and
         # present are bound to the same [B, Hkv, max_context, D] buffers (I/O binding)
-        "runtime_cache": layout.get("runtime_cache", "concat"),
+        "runtime_cache": step.runtime_cache,
+        **({"max_context": step.max_context} if step.max_context is not None else {}),
+        # an int8 cache (passes/quantize_kv_cache.py): dtype sits here in its manifests
+        **({"dtype": step.dtype, "kv_quant": step.kv_quant} if step.kv_quant else {}),
+    }
+    entry.update({
+        "logits": io["outputs"][0]["name"],  # the step's first output, [B, T, V]
+        "tokens": io["inputs"][0]["name"],
+        "layers": len(step.past),
+        "num_kv_heads": heads[0] if len(heads) == 1 else [v.shape[1] for v in keys],
+        "head_dim": dims[0] if len(dims) == 1 else [v.shape[3] for v in keys],
+        "dtype": io["inputs"][2]["dtype"],  # as lowered (the int8 cache's too)
     })
-    return layout
+    return entry
 
 
 def _tool_versions() -> dict:

@@ -46,7 +46,7 @@ def graph_inputs(graph: Graph, ids: list[int]) -> list[torch.Tensor]:
     """The inputs that run ``ids`` through ``graph`` as one prompt (a cached graph: an
     empty cache, all logits kept)."""
     tokens = torch.tensor([ids])
-    if not graph.meta.get("kv_cache"):
+    if graph.meta.get("kv_cache") is None:
         return [tokens]
     return step_inputs(graph, tokens, torch.tensor(0), empty_cache(graph, 1), torch.tensor(0))
 

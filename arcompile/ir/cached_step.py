@@ -4,11 +4,14 @@
              [logits_to_keep []], [skip_ffn flags [blocks]]
     outputs: logits, present_key_0, present_value_0, ... [B, Hkv, P + T, D]
 
-``graph.meta["kv_cache"]`` names the inputs and outputs. The passes that prove a rewrite,
-calibration and the lowering check all drive a cached graph through these helpers.
+``graph.meta["kv_cache"]`` is its ``CachedStep``: the names of those inputs and outputs and how
+the runtime keeps the cache. The passes that prove a rewrite, calibration and the lowering
+check all drive a cached graph through these helpers.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,16 +20,37 @@ from arcompile.ir.graph import Graph, Value
 from arcompile.ir.interpreter import run_graph
 
 
+@dataclass(frozen=True)
+class CachedStep:
+    """How to call a cached graph: written by ``passes/insert_kv_cache.py``; frozen, so a
+    change is a ``dataclasses.replace`` stored back in ``graph.meta``. The lowering
+    reads it to pick the cache's ops; ``compiler/write_engine.py`` turns it, with the lowered
+    I/O, into the manifest's ``kv_cache`` entry."""
+
+    past_length: str  # input [] int64: how many positions the cache holds (P)
+    past: tuple[tuple[str, str], ...]  # inputs per layer: (past_key_i, past_value_i)
+    present: tuple[tuple[str, str], ...]  # outputs per layer: (present_key_i, present_value_i)
+    logits_to_keep: str | None = None  # input []: logits of the last rows only; None: all rows
+    # "concat": presents are new arrays fed back as pasts; "inplace": one buffer per cache
+    # tensor bound as both past and present (``runtimes/onnxruntime/ops_arc_kv_cache.py``)
+    runtime_cache: str = "concat"
+    max_context: int | None = None  # the most positions an engine decodes; None: not set
+    dtype: str | None = None  # "int8" once ``passes/quantize_kv_cache.py`` ran; None: as traced
+    kv_quant: str | None = None  # that pass's scales: "per_channel"; None: not quantized
+    layout: str = "BHSD"  # every cache tensor is [B, Hkv, P, D]
+    concat_dim: int = 2  # the axis new rows join
+
+
 def past_inputs(graph: Graph) -> list[Value]:
     """The cached graph's past_key/past_value inputs, in layer order (key, value per layer)."""
     by_name = {v.name: v for v in graph.inputs}
-    return [by_name[n] for pair in graph.meta["kv_cache"]["past"] for n in pair]
+    return [by_name[n] for pair in graph.meta["kv_cache"].past for n in pair]
 
 
 def step_inputs(graph: Graph, tokens, past_length, pasts: list, keep=0, skip=None) -> list:
     """The cached graph's inputs in order: tokens, past_length, pasts, [logits_to_keep],
     [skip_ffn: the layer-skip flags (``passes/skip_ffn.py``); ``skip`` or none set]."""
-    extra = [keep] if graph.meta["kv_cache"]["logits_to_keep"] is not None else []
+    extra = [keep] if graph.meta["kv_cache"].logits_to_keep is not None else []
     if graph.meta.get("skip_ffn") is not None:  # none set: numpy for ORT, torch for the IR
         count = len(graph.meta["skip_ffn"]["blocks"])
         extra.append(skip if skip is not None else np.zeros(count, dtype=bool)

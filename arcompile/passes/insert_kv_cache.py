@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 
 import torch
 
 from arcompile.ir.analysis import vocabulary
-from arcompile.ir.cached_step import cached_decode
+from arcompile.ir.cached_step import CachedStep, cached_decode
 from arcompile.ir.graph import SYM_DTYPES, SYM_INT, Graph, In, Node, Value
 from arcompile.ir.interpreter import run_graph, widened_constants
 from arcompile.passes.base import Pass, PassResult
@@ -98,18 +99,17 @@ class InsertKVCache(Pass):
         except KVCacheRefused as e:
             result.note(f"{self.name}: refused, graph left uncached: {e}")
             return result
-        work.meta["kv_cache"]["runtime_cache"] = self.runtime_cache
-        if self.max_context is not None:
-            work.meta["kv_cache"]["max_context"] = int(self.max_context)
+        step = work.meta["kv_cache"] = replace(
+            work.meta["kv_cache"], runtime_cache=self.runtime_cache,
+            max_context=int(self.max_context) if self.max_context is not None else None)
         graph.adopt(work)
         for rule, n in (("attention_cached", layers), ("position_narrowed", positions[0]),
                         ("position_sliced", positions[1]),
-                        ("logits_to_keep",
-                         int(work.meta["kv_cache"]["logits_to_keep"] is not None))):
+                        ("logits_to_keep", int(step.logits_to_keep is not None))):
             if n:
                 result.bump(rule, n)
         result.max_abs_diff = diff  # the proof's: prefix + steps against full recomputation
-        if work.meta["kv_cache"]["logits_to_keep"] is None:
+        if step.logits_to_keep is None:
             result.note(f"{self.name}: logits_to_keep not added: the logits are not one linear "
                         f"head over [B, T, H], so every step computes every new row's logits")
         return result
@@ -140,7 +140,7 @@ class InsertKVCache(Pass):
                                          f"inputs: {type(e).__name__}: {e}") from e
                 got = torch.cat(steps, dim=1)
                 diff, relative = gap(got, full), relative_gap(got, full)
-                if cached.meta["kv_cache"]["logits_to_keep"] is not None:  # the last row only
+                if cached.meta["kv_cache"].logits_to_keep is not None:  # the last row only
                     (last,) = cached_decode(cached, [tokens[:, :split]], keep=1,
                                             compute_dtype=CHECK_DTYPE)
                     if last.shape[1] != 1:
@@ -218,11 +218,10 @@ def rewrite(graph: Graph, pass_name: str) -> tuple[int, tuple[int, int]]:
         graph.meta["symbols"] = sorted(set(graph.meta["symbols"]) | {PAST} |
                                        ({KEPT} if keep else set()))
     # what a runtime needs to drive the step (the manifest's cache layout, later)
-    graph.meta["kv_cache"] = {
-        "layout": "BHSD", "past_length": past_length.name,
-        "past": [[k.name, v.name] for k, v in pasts],
-        "present": [[k.name, v.name] for k, v in zip(presents[::2], presents[1::2])],
-        "concat_dim": 2, "logits_to_keep": keep.name if keep is not None else None}
+    graph.meta["kv_cache"] = CachedStep(
+        past_length=past_length.name, past=tuple((k.name, v.name) for k, v in pasts),
+        present=tuple((k.name, v.name) for k, v in zip(presents[::2], presents[1::2])),
+        logits_to_keep=keep.name if keep is not None else None)
     return len(attentions), positions
 
 

@@ -2,7 +2,7 @@
 ``insert_kv_cache``, for the in-place cache runtime).
 
 Matches, per ``arc.attention_cached`` of a graph whose cache runs in place
-(``graph.meta["kv_cache"]["runtime_cache"] == "inplace"``)::
+(``graph.meta["kv_cache"].runtime_cache == "inplace"``)::
 
     # q_BHqTD = [rope](transpose(view(q_BTX, [B, T, H, D]), 1, 2))   k likewise with Hkv;
     # v_BHkvTD = transpose(view(v_BTX, [B, T, Hkv, D]), 1, 2)        v never rotated
@@ -86,12 +86,12 @@ class PackAttention(Pass):
 
     def run(self, graph: Graph) -> PassResult:
         result = PassResult()
-        layout = graph.meta.get("kv_cache")
-        if layout is None:
+        step = graph.meta.get("kv_cache")
+        if step is None:
             result.note(f"{self.name}: the graph has no KV cache; nothing to pack")
             return result
-        if layout.get("runtime_cache") != "inplace":
-            result.note(f"{self.name}: the cache runtime is {layout.get('runtime_cache')!r}; "
+        if step.runtime_cache != "inplace":
+            result.note(f"{self.name}: the cache runtime is {step.runtime_cache!r}; "
                         f"the packed op lowers to GroupQueryAttention over in-place buffers "
                         f"only, so attention is left as it was")
             return result
@@ -339,8 +339,7 @@ def match_rotary(rope_q: Node | None, rope_k: Node | None, dim: int) -> Match:
 def match_positions(pos: Value) -> Match:
     m = Match()
     graph = pos.graph
-    layout = graph.meta["kv_cache"]
-    past = next(v for v in graph.inputs if v.name == layout["past_length"])
+    past = next(v for v in graph.inputs if v.name == graph.meta["kv_cache"].past_length)
     tokens = graph.inputs[0]
 
     def is_past(s) -> bool:  # P: the past_length input read as a size
@@ -421,14 +420,14 @@ def _rotary_caches(graph: Graph, attn: Node, m: Match, caches: dict, pass_name: 
     rot, scale = a["rotary_dim"], float(a.get("attention_scaling", 1.0))
     if a["position_source"] == "inv_freq":
         inv_freq = rope.inputs[4]
-        rows = graph.meta["kv_cache"].get("max_context")
+        rows = graph.meta["kv_cache"].max_context
         if not rows:
             return Match().fail("the cache layout records no max_context: the size of the "
                                 "rotary cache is unknown")
         key = ("inv_freq", inv_freq, rows, scale)
     else:
         cos_table, sin_table = rope.inputs[4], rope.inputs[5]
-        rows, limit = cos_table.shape[0], graph.meta["kv_cache"].get("max_context")
+        rows, limit = cos_table.shape[0], graph.meta["kv_cache"].max_context
         if limit is None or rows < limit:
             # the model would fail on a position past its table; GroupQueryAttention would
             # read past the cache instead
@@ -481,7 +480,7 @@ def _rewrite(graph: Graph, attn: Node, m: Match, pass_name: str) -> str:
     inputs += [past_key, past_value]
     rope = m["rope"]
     if rope is not None:
-        past = next(v for v in graph.inputs if v.name == graph.meta["kv_cache"]["past_length"])
+        past = next(v for v in graph.inputs if v.name == graph.meta["kv_cache"].past_length)
         inputs += [past, *m["caches"]]
         attrs.update(rotary_dim=rope.attrs["rotary_dim"],
                      rotary_interleaved=bool(rope.attrs["interleaved"]))

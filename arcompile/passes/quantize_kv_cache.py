@@ -11,10 +11,10 @@ Produces the same op with ``kv_quant="per_channel"`` and two more inputs, consta
 ``k_scale`` / ``v_scale`` float32 [1, Hkv, 1, D] (``ir/opdefs/kv_cache.py``: the new rows are
 stored as clamp(round_half_even(x / scale), -128, 127) and attention reads the cache
 dequantized, the new rows included); the past inputs and the presents become int8, and
-``graph.meta["kv_cache"]`` records ``dtype: "int8"`` and ``kv_quant: "per_channel"``. It lowers
-to GroupQueryAttention's own int8 cache (``k_quant_type``/``v_quant_type`` PER_CHANNEL), so the
-engine allocates int8 buffers: a quarter of the float cache's bytes. One rule, ``per_channel``,
-counts the attentions rewritten.
+``graph.meta["kv_cache"]`` (a ``CachedStep``) records ``dtype="int8"`` and
+``kv_quant="per_channel"``. It lowers to GroupQueryAttention's own int8 cache
+(``k_quant_type``/``v_quant_type`` PER_CHANNEL), so the engine allocates int8 buffers: a
+quarter of the float cache's bytes. One rule, ``per_channel``, counts the attentions rewritten.
 
 Scales: the calibration sequences (``calibration.calibration_ids``) run through the float
 step in the reference interpreter with an empty cache; the presents are then every position's
@@ -38,6 +38,7 @@ gates it by perplexity on held-out text (``optimize(..., kv_cache_dtype="int8")`
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -91,8 +92,8 @@ class QuantizeKVCache(Pass):
             _rewrite(graph, attn, _scale(key_max, self.margin), _scale(value_max, self.margin),
                      self.name)
             result.bump("per_channel")
-        graph.meta["kv_cache"] = {**graph.meta["kv_cache"], "dtype": "int8",
-                                  "kv_quant": "per_channel"}
+        graph.meta["kv_cache"] = replace(graph.meta["kv_cache"], dtype="int8",
+                                         kv_quant="per_channel")
         return result
 
     def _calibrate(self, graph: Graph, attentions: list[Node]) -> list[tuple[torch.Tensor, ...]]:
@@ -100,7 +101,7 @@ class QuantizeKVCache(Pass):
         (key channels rotated together: their largest pair norm, with ``rotary_pairs``)."""
         where = {id(v): i for i, v in enumerate(graph.outputs)}
         slots = [(where[id(a.outputs[1])], where[id(a.outputs[2])]) for a in attentions]
-        keep = 1 if graph.meta["kv_cache"].get("logits_to_keep") is not None else 0
+        keep = 1 if graph.meta["kv_cache"].logits_to_keep is not None else 0
         amax: list[list[torch.Tensor | None]] = [[None, None] for _ in attentions]
         for ids in self.calibration:
             tokens = torch.tensor([ids])
@@ -148,15 +149,15 @@ def match_cache(graph: Graph) -> Match:
     """Bindings: ``attentions`` (every packed attention, in graph order) when the whole cache
     can be int8; else the reason it cannot."""
     m = Match()
-    layout = graph.meta.get("kv_cache")
-    if layout is None:
+    step = graph.meta.get("kv_cache")
+    if step is None:
         return m.fail("the graph has no KV cache")
-    if layout.get("runtime_cache") != "inplace":
-        return m.fail(f"the cache runtime is {layout.get('runtime_cache')!r}; an int8 cache "
+    if step.runtime_cache != "inplace":
+        return m.fail(f"the cache runtime is {step.runtime_cache!r}; an int8 cache "
                       f"lowers to GroupQueryAttention over in-place buffers only "
                       f"(kv_cache_runtime='inplace')")
-    if layout.get("kv_quant"):
-        return m.fail(f"the cache is already quantized ({layout['kv_quant']})")
+    if step.kv_quant:
+        return m.fail(f"the cache is already quantized ({step.kv_quant})")
     nodes = graph.nodes()
     unpacked = [n for n in nodes if n.op == "arc.attention_cached"]
     if unpacked:

@@ -254,7 +254,7 @@ def find_blocks(graph: Graph, result: PassResult) -> list[Block]:
     """Every feed-forward block in graph order; near misses noted on ``result``."""
     if any(v.name == INPUT for v in graph.inputs) or "skip_ffn" in graph.meta:
         raise SkipRefused(f"the graph already has layer-skip routing (input %{INPUT})")
-    if not graph.meta.get("kv_cache"):
+    if graph.meta.get("kv_cache") is None:
         raise SkipRefused("the graph has no KV cache: the pass runs after insert_kv_cache "
                           "(routing serves cached decoding: lossy and self-speculative)")
     blocks = []

@@ -1,6 +1,7 @@
 """Lowering of ``arc.attention_cached`` to ONNX Runtime, two forms.
 
-``graph.meta["kv_cache"]["runtime_cache"]`` picks one (set by ``compiler/optimize.py``):
+``graph.meta["kv_cache"].runtime_cache`` (a ``CachedStep``, ``ir/cached_step.py``) picks one
+(set by ``compiler/optimize.py``):
 
 - ``"concat"`` (default), standard opset-21 ONNX:
 
@@ -54,9 +55,9 @@ RUNTIME_CACHES = ("concat", "inplace")
 
 @lowering("arc.attention_cached")
 def arc_attention_cached(ctx: LowerContext, node: Node) -> list[str]:
-    layout = ctx.graph.meta.get("kv_cache") or {}
-    if layout.get("runtime_cache", "concat") == "inplace":
-        return _inplace(ctx, node, layout["past_length"])
+    step = ctx.graph.meta.get("kv_cache")
+    if step is not None and step.runtime_cache == "inplace":
+        return _inplace(ctx, node, step.past_length)
     query, key, value, past_key, past_value = node.inputs
     present_key = ctx.op("Concat", [ctx.name(past_key), ctx.name(key)], axis=2)
     present_value = ctx.op("Concat", [ctx.name(past_value), ctx.name(value)], axis=2)
@@ -104,8 +105,8 @@ def _lengths(ctx: LowerContext, past_length) -> tuple[str, str]:
 
 @lowering("arc.attention_cached_packed")
 def arc_attention_cached_packed(ctx: LowerContext, node: Node) -> list[str]:
-    layout = ctx.graph.meta.get("kv_cache") or {}
-    if layout.get("runtime_cache") != "inplace":
+    step = ctx.graph.meta.get("kv_cache")
+    if step is None or step.runtime_cache != "inplace":
         raise UnsupportedOpError("arc.attention_cached_packed lowers to GroupQueryAttention "
                                  "over in-place cache buffers only (runtime_cache 'inplace')")
     a = node.attrs
@@ -121,7 +122,7 @@ def arc_attention_cached_packed(ctx: LowerContext, node: Node) -> list[str]:
     else:
         q, k, v, past_key, past_value, *rotary = operands
         qkv_names = [ctx.name(q), ctx.name(k), ctx.name(v)]
-    past_length = next(v for v in ctx.graph.inputs if v.name == layout["past_length"])
+    past_length = next(v for v in ctx.graph.inputs if v.name == step.past_length)
     seqlens_k, total = ctx.once(("gqa_lengths",), lambda: _lengths(ctx, past_length))
     inputs = [*qkv_names, ctx.name(past_key), ctx.name(past_value), seqlens_k, total]
     attrs = {"num_heads": a["num_heads"], "kv_num_heads": a["num_kv_heads"],
