@@ -41,6 +41,11 @@ class CachedStep:
     concat_dim: int = 2  # the axis new rows join
 
 
+def input_named(graph: Graph, name: str) -> Value:
+    """The graph input called ``name`` (the cached step's past_length, say)."""
+    return next(v for v in graph.inputs if v.name == name)
+
+
 def past_inputs(graph: Graph) -> list[Value]:
     """The cached graph's past_key/past_value inputs, in layer order (key, value per layer)."""
     by_name = {v.name: v for v in graph.inputs}

@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 
 from arcompile.ir.analysis import vocabulary
-from arcompile.ir.cached_step import cached_decode
+from arcompile.ir.cached_step import cached_decode, input_named
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.ir.interpreter import widened_constants
 from arcompile.passes.base import Pass, PassResult
@@ -339,7 +339,7 @@ def match_rotary(rope_q: Node | None, rope_k: Node | None, dim: int) -> Match:
 def match_positions(pos: Value) -> Match:
     m = Match()
     graph = pos.graph
-    past = next(v for v in graph.inputs if v.name == graph.meta["kv_cache"].past_length)
+    past = input_named(graph, graph.meta["kv_cache"].past_length)
     tokens = graph.inputs[0]
 
     def is_past(s) -> bool:  # P: the past_length input read as a size
@@ -480,7 +480,7 @@ def _rewrite(graph: Graph, attn: Node, m: Match, pass_name: str) -> str:
     inputs += [past_key, past_value]
     rope = m["rope"]
     if rope is not None:
-        past = next(v for v in graph.inputs if v.name == graph.meta["kv_cache"].past_length)
+        past = input_named(graph, graph.meta["kv_cache"].past_length)
         inputs += [past, *m["caches"]]
         attrs.update(rotary_dim=rope.attrs["rotary_dim"],
                      rotary_interleaved=bool(rope.attrs["interleaved"]))

@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 
 from arcompile.errors import UnsupportedOpError
+from arcompile.ir.cached_step import input_named
 from arcompile.ir.graph import Node
 from arcompile.runtimes.onnxruntime.context import LowerContext
 from arcompile.runtimes.onnxruntime.ops_arc_attention import attend
@@ -73,7 +74,7 @@ def _inplace(ctx: LowerContext, node: Node, past_length_name: str) -> list[str]:
         raise UnsupportedOpError("the in-place KV cache (GroupQueryAttention) is causal only; "
                                  "use kv_cache_runtime='concat'")
     heads, kv_heads, dim = a["num_heads"], a["num_kv_heads"], a["head_dim"]
-    past_length = next(v for v in ctx.graph.inputs if v.name == past_length_name)
+    past_length = input_named(ctx.graph, past_length_name)
 
     def packed(v, n):  # (B, n, L, D) -> (B, L, n*D)
         t = ctx.op("Transpose", [ctx.name(v)], perm=[0, 2, 1, 3])
@@ -122,7 +123,7 @@ def arc_attention_cached_packed(ctx: LowerContext, node: Node) -> list[str]:
     else:
         q, k, v, past_key, past_value, *rotary = operands
         qkv_names = [ctx.name(q), ctx.name(k), ctx.name(v)]
-    past_length = next(v for v in ctx.graph.inputs if v.name == step.past_length)
+    past_length = input_named(ctx.graph, step.past_length)
     seqlens_k, total = ctx.once(("gqa_lengths",), lambda: _lengths(ctx, past_length))
     inputs = [*qkv_names, ctx.name(past_key), ctx.name(past_value), seqlens_k, total]
     attrs = {"num_heads": a["num_heads"], "kv_num_heads": a["num_kv_heads"],
