@@ -143,9 +143,12 @@ def test_every_cpu_capability_caches_and_decodes_the_same_tiny_engine(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_under_every_cpu_capability_is_cached_with_the_same_greedy_tokens(tmp_path):
+def test_smollm2_under_every_cpu_capability_is_cached_with_the_same_greedy_tokens(
+        tmp_path, smollm2_engine):
     """The defect of issue 17: the proof's float32 figure crossed 1e-4 on some kernels and the
-    engine came out uncached. Each capability builds SmolLM2 with the defaults."""
+    engine came out uncached. Each capability builds SmolLM2 with the defaults; the one this
+    process runs under is the session's engine (built once for every SmolLM2 test), the
+    others build in a subprocess each."""
     script = """
 import json, torch, arcompile
 from arcompile.frontend.load import find_smollm2_gguf
@@ -158,15 +161,23 @@ print(json.dumps({{"capability": torch.backends.cpu.get_cpu_capability(),
                   "lowering": report.lowering_max_abs_diff,
                   "tokens": engine.generate(ids, max_new_tokens=16)}}))
 """
-    runs = {}
+    import shutil
+
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    engine = arcompile.load(smollm2_engine)
+    proof = next(p for p in engine.manifest["passes"] if p["name"] == "insert_kv_cache")
+    assert engine.kv_cache and proof["max_abs_diff"] < 1e-9
+    runs = {native: {"tokens": engine.generate(engine.encode("The capital of France is"),
+                                               max_new_tokens=16)}}
     for cap in capabilities():
+        if cap == native:
+            continue
         out = tmp_path / cap
         runs[cap] = _under(cap, script.format(out=str(out)))
         assert runs[cap]["cached"], runs[cap]
         assert runs[cap]["proof"][0] < 1e-9 and runs[cap]["lowering"] < LOWERING * 35, runs[cap]
-        import shutil
-
         shutil.rmtree(out)  # 0.5 GB each
+    assert len(runs) >= 2 or sys.platform != "linux", runs
     assert len({json.dumps(r["tokens"]) for r in runs.values()}) == 1, runs
 
 

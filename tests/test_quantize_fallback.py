@@ -101,25 +101,40 @@ def test_fallback_refuses_what_it_cannot_fall_back(tmp_path, trained):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
-def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, capsys):
-    # the gate-trip test's setting (test_quantize_gate): round-to-nearest in groups of 128
+def test_cli_summary_names_the_modules_the_fallback_kept(tmp_path, trained, capsys):
     from arcompile.cli.main import main
-    from arcompile.frontend.load import find_smollm2_gguf
 
-    out = tmp_path / "q4"
-    assert main(["optimize", str(find_smollm2_gguf()), "-o", str(out), "--quantize", "int4",
-                 "--group-size", "128", "--quant-method", "rtn", "--gate-fallback"]) == 0
-    q = json.loads((out / "arcompile.json").read_text())["quantization"]
+    model = tmp_path / "trained.pt2"
+    ids = torch.tensor(held_ids(None, tm.VOCAB, 32)[0]).reshape(2, 16)  # B > 1: kept dynamic
+    torch.export.save(torch.export.export(trained, (ids,), dynamic_shapes=(
+        {0: torch.export.Dim("B", max=64), 1: torch.export.Dim("T", max=256)},)), str(model))
+    out = tmp_path / "q"
+    assert main(["optimize", str(model), "-o", str(out), "--quantize", "int4",
+                 "--quant-method", "rtn", "--zero-point", "none", "--group-size", "64",
+                 "--max-ppl-increase", f"{LIMIT:.1%}", "--gate-fallback", "fp32",
+                 "--max-context", "128"]) == 0  # the gate then reads the 128 ids it learnt
+    printed = capsys.readouterr()
+    kept = json.loads((out / "arcompile.json").read_text())["quantization"]["fallback"]["kept"]
+    assert f"kept in fp32 by the gate's fallback ({len(kept)} of 7 modules): " \
+           f"{', '.join(kept)}" in printed.out
+    assert "  fallback: 1 of 7 modules in fp32" in printed.err
+
+
+@pytest.mark.slow
+def test_smollm2_fallback_passes_the_setting_the_gate_refuses(tmp_path, smollm2):
+    # the gate-trip test's setting (test_quantize_gate): round-to-nearest in groups of 128;
+    # the session's SmolLM2 (the command line's summary: the test above)
+    logs: list[str] = []
+    report = arcompile.optimize(smollm2, tmp_path / "q4", quantize="int4", group_size=128,
+                                quant_method="rtn", gate_fallback=True, log=logs.append)
+    q = report.quantization
     fb = q["fallback"]
     assert fb["to"] == "int8"  # int4's default
     assert fb["tries"][0]["perplexity_increase"] > 0.08  # one module kept is far off
     assert 1 <= len(fb["kept"]) < fb["modules"]
     assert q["perplexity_increase"] <= fb["aim"] < 0.08
     assert q["perplexity_onnxruntime"] / q["perplexity_unquantized"] - 1 <= 0.08
-    printed = capsys.readouterr()
-    assert "kept in int8 by the gate's fallback" in printed.out
-    assert "fallback: 1 of" in printed.err
+    assert any(line.startswith("  fallback: 1 of") for line in logs), logs
 
 
 # -- the pass's own keep_float / keep_int8, as the fallback drives it ------------------------
