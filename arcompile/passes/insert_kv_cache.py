@@ -27,9 +27,10 @@ Produces (on a copy, adopted only once proven):
   The slice is exact for anything computed from positions alone, whatever it computes; the
   narrowed form computes only T positions per step (O(T), not O(P + T)).
 
-Proof: the rewritten graph is run by the reference interpreter against the original on random
-tokens (B = 1 and 2, several prefix splits): full sequence at once versus prefix with an empty
-cache then the rest with the presents fed back, both in float64. Logits must agree within
+Proof (``step_proof.py``, shared with ``pack_attention``): the rewritten graph is run by the
+reference interpreter against the original on random tokens (B = 1 and 2, several prefix
+splits): full sequence at once versus prefix with an empty cache then the rest with the
+presents fed back, both in float64. Logits must agree within
 ``tolerance`` of their magnitude (``numeric_check.py``: a correct cache differs by float64
 rounding, a position off by one by whole units, on any CPU).
 
@@ -49,12 +50,12 @@ from dataclasses import replace
 
 import torch
 
-from arcompile.ir.analysis import vocabulary
-from arcompile.ir.cached_step import CachedStep, cached_decode
+from arcompile.ir.cached_step import CachedStep
 from arcompile.ir.graph import SYM_DTYPES, SYM_INT, Graph, In, Node, Value
 from arcompile.ir.interpreter import run_graph, widened_constants
 from arcompile.passes.base import Pass, PassResult
-from arcompile.passes.numeric_check import CHECK_DTYPE, EXACT, gap, relative_gap, within
+from arcompile.passes.numeric_check import CHECK_DTYPE, EXACT, within
+from arcompile.passes.step_proof import chunked, decode_exact, sample_tokens, worst_gap
 
 UNFUSED_ATTENTION = {"aten.scaled_dot_product_attention", "aten._softmax", "aten.softmax.int",
                      "aten._safe_softmax", "aten.softmax"}
@@ -116,14 +117,13 @@ class InsertKVCache(Pass):
 
     # -- proof ------------------------------------------------------------------------
     def _prove(self, original: Graph, cached: Graph) -> float:
-        vocab = vocabulary(original)
-        if vocab is None:
-            raise KVCacheRefused(f"no embedding reads %{original.inputs[0].name}: cannot find "
-                                 f"the vocabulary to draw sample tokens for the proof")
-        gen = torch.Generator().manual_seed(self.seed)
+        try:
+            draws = sample_tokens(original, self.seed, self.batches, self.proof_length)
+        except ValueError as e:  # no embedding: no vocabulary to draw from
+            raise KVCacheRefused(str(e)) from e
         worst = 0.0
-        for batch in self.batches:
-            tokens = torch.randint(0, vocab, (batch, self.proof_length), generator=gen)
+        for tokens in draws:
+            batch = tokens.shape[0]
             try:
                 (full,) = run_graph(original, [tokens], compute_dtype=CHECK_DTYPE)[:1]
             except Exception as e:
@@ -133,21 +133,18 @@ class InsertKVCache(Pass):
                 if not 0 < split < self.proof_length:
                     continue
                 try:
-                    steps = cached_decode(cached, [tokens[:, :split], tokens[:, split:]],
-                                          compute_dtype=CHECK_DTYPE)
+                    steps = decode_exact(cached, chunked(tokens,
+                                                         (split, self.proof_length - split)))
                 except Exception as e:  # e.g. a position table shorter than the proof
                     raise KVCacheRefused(f"the cached graph did not run on the proof's "
                                          f"inputs: {type(e).__name__}: {e}") from e
-                got = torch.cat(steps, dim=1)
-                diff, relative = gap(got, full), relative_gap(got, full)
+                pairs = [(full, torch.cat(steps, dim=1))]
                 if cached.meta["kv_cache"].logits_to_keep is not None:  # the last row only
-                    (last,) = cached_decode(cached, [tokens[:, :split]], keep=1,
-                                            compute_dtype=CHECK_DTYPE)
+                    (last,) = decode_exact(cached, [tokens[:, :split]], keep=1)
                     if last.shape[1] != 1:
                         raise KVCacheRefused(f"logits_to_keep=1 gave {last.shape[1]} rows")
-                    want = full[:, split - 1:split]
-                    diff = max(diff, gap(last, want))
-                    relative = max(relative, relative_gap(last, want))
+                    pairs.append((full[:, split - 1:split], last))
+                diff, relative = worst_gap(pairs)
                 worst = max(worst, diff)
                 if not within(relative, self.tolerance):  # NaN fails too
                     raise KVCacheRefused(

@@ -4,7 +4,8 @@ Every pass is held to a tolerance on the logits, and so are the passes that prov
 (``insert_kv_cache`` and ``pack_attention``: cached step against full recomputation;
 ``skip_ffn``: the routed graph with every flag off; ``smooth_quant``: the rescaled graph).
 The lowering is checked once more in ONNX Runtime. This module is the one place that says
-how those comparisons are made and why.
+how those comparisons are made and why (``step_proof.py`` holds what the cached-step proofs
+share: sample tokens, chunked float64 decoding, the worst gap over pairs of outputs).
 
 The problem. In float32 a correct rewrite still moves SmolLM2's logits (up to ~35) by
 5e-5 .. 1.1e-4, and where in that range depends on the kernels torch picks: the KV-cache proof

@@ -41,25 +41,25 @@ most ``D / 2``; checked on ORT 1.32: partial rotary works then, GPT-NeoX's 4 of 
 no recorded ``max_context`` to size the cache, and a rotary table with fewer rows than it
 (GroupQueryAttention would read past the table where the model fails).
 
-Proof, as ``insert_kv_cache`` does (this pass runs on the cached step, which the pipeline's
-numeric check cannot run): the rewritten copy and the graph as it came are run by the reference
-interpreter on random tokens (B = 2) decoded in chunks (5, 1, 2 tokens, presents fed back:
-a prefill, a single-token step and a multi-token step over a cache), in float64, and every
-output of every step must agree within ``tolerance`` of its magnitude (``numeric_check.py``);
-else nothing is adopted and the difference is noted.
+Proof, as ``insert_kv_cache`` does (``step_proof.py``; this pass runs on the cached step, which
+the pipeline's numeric check cannot run): the rewritten copy and the graph as it came are run by
+the reference interpreter on random tokens (B = 2) decoded in chunks (5, 1, 2 tokens,
+presents fed back: a prefill, a single-token step and a multi-token step over a cache), in
+float64, and every output of every step must agree within ``tolerance`` of its magnitude
+(``numeric_check.py``); else nothing is adopted and the difference is noted.
 """
 
 from __future__ import annotations
 
 import torch
 
-from arcompile.ir.analysis import vocabulary
-from arcompile.ir.cached_step import cached_decode, input_named
+from arcompile.ir.cached_step import input_named
 from arcompile.ir.graph import Graph, Node, Value
 from arcompile.ir.interpreter import widened_constants
 from arcompile.passes.base import Pass, PassResult
 from arcompile.passes.match import Match, scalar
-from arcompile.passes.numeric_check import CHECK_DTYPE, EXACT, gap, relative_gap, within
+from arcompile.passes.numeric_check import EXACT, within
+from arcompile.passes.step_proof import chunked, decode_exact, sample_tokens, worst_gap
 
 VIEWS = {"aten.view", "aten.reshape", "aten._unsafe_view"}
 COPIES = {"aten.clone", "aten.contiguous", "aten.alias", "aten.detach"}  # same values, layout
@@ -121,21 +121,14 @@ class PackAttention(Pass):
     # -- proof ------------------------------------------------------------------------
     def _prove(self, original: Graph, packed: Graph) -> tuple[float, float]:
         """(max |Δ|, max |Δ| / magnitude) over every output of every step, in float64."""
-        vocab = vocabulary(original)
-        if vocab is None:
-            raise ValueError(f"no embedding reads %{original.inputs[0].name}: cannot find the "
-                             f"vocabulary to draw sample tokens for the proof")
-        gen = torch.Generator().manual_seed(self.seed)
-        worst, worst_relative = 0.0, 0.0
-        for batch in self.batches:
-            tokens = torch.randint(0, vocab, (batch, sum(self.chunks)), generator=gen)
-            chunks = list(torch.split(tokens, list(self.chunks), dim=1))
-            for want, got in zip(
-                    cached_decode(original, chunks, compute_dtype=CHECK_DTYPE, every_output=True),
-                    cached_decode(packed, chunks, compute_dtype=CHECK_DTYPE, every_output=True)):
-                worst = max(worst, gap(got, want))
-                worst_relative = max(worst_relative, relative_gap(got, want))
-        return worst, worst_relative
+        draws = sample_tokens(original, self.seed, self.batches, sum(self.chunks))
+
+        def pairs():  # (unpacked, packed) output by output, step by step, batch by batch
+            for tokens in draws:
+                chunks = chunked(tokens, self.chunks)
+                yield from zip(decode_exact(original, chunks, every_output=True),
+                               decode_exact(packed, chunks, every_output=True))
+        return worst_gap(pairs())
 
 
 # -- the rewrite ------------------------------------------------------------------------
