@@ -234,6 +234,7 @@ def test_smollm2_int4_default_is_within_the_gate_and_beats_round_to_nearest(smol
     import copy
 
     from arcompile.compiler import quantization
+    from arcompile.compiler.options import TransformOptions
     from arcompile.eval.metrics import perplexity
     from arcompile.frontend.from_export import from_exported_program
     from arcompile.passes import PassManager, VerifyHook, build_pipeline
@@ -247,8 +248,8 @@ def test_smollm2_int4_default_is_within_the_gate_and_beats_round_to_nearest(smol
 
     ids, _ = metrics.held_ids(smollm2.tokenizer, 49152)
     ppl_rtn = perplexity(metrics.graph_logits(rtn, ids), ids)
-    _, info = quantization.quantize(g, "int4", None, None, smollm2.tokenizer, 49152,
-                                    lambda _m: None, calibration_samples=16)
+    _, info = quantization.quantize(g, TransformOptions(quantize="int4", calibration_samples=16),
+                                    smollm2.tokenizer, 49152, lambda _m: None)
     s = info["settings"]
     assert (s["method"], s["zero_point"], s["block_size"]) == ("gptq", "int", 32)
     assert s["lm_head"] == "int4_g32_asym" and s["calibration"]["samples"] == 16

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from arcompile import __version__, progress
+from arcompile.compiler.options import TransformOptions, skip_fraction
 from arcompile.errors import ArcompileError
 
 
@@ -30,7 +32,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         report = optimize(args.model, args.output, passes=args.passes, tokenizer=args.tokenizer,
                           check_numerics=not args.no_check, log=_log, kv_cache=args.kv_cache,
                           kv_cache_runtime=args.kv_cache_runtime, max_context=args.max_context,
-                          self_draft=args.self_draft, **transform_options(args))
+                          self_draft=args.self_draft, **TransformOptions.from_args(args).given())
     if args.explain and not args.quiet:
         for record in report.passes:
             for note in record.notes:
@@ -83,16 +85,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(report.kv_cache_warning, file=sys.stderr, flush=True)
     return 0
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction or a percentage, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -226,14 +218,6 @@ def _report_turn(session, stats: bool) -> None:
     _log(f"[prefill {t['prefill_tokens']} tokens, reply {t['new_tokens']} tokens{rate}{spec}]")
 
 
-def _skip_fraction(text: str) -> float:
-    value = _fraction(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"a fraction in (0, 1) of the feed-forward blocks, "
-                                         f"got {text!r}")
-    return value
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
     from arcompile.cli.profile_report import (
         format_modes,
@@ -254,8 +238,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                      output_dir=args.output, prompt_tokens=args.prompt_tokens,
                      decode_tokens=args.decode_tokens, agreement_tokens=args.agreement_tokens,
                      held_tokens=args.held_tokens, repeats=args.repeats, threads=args.threads,
-                     log=_log, **{k: v for k, v in transform_options(args).items()
-                                  if v is not None})
+                     log=_log, **TransformOptions.from_args(args).given())
     print(format_table(report))
     if format_modes(report):
         print("\n" + format_modes(report))
@@ -278,58 +261,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def add_transform_options(p: argparse.ArgumentParser) -> None:
     """The options of optimize that change what the engine computes (quantization, the int8
-    KV cache, layer-skip routing); ``profile`` takes them too."""
-    p.add_argument("--kv-cache-dtype", choices=("float32", "int8"), default=None,
-                   help="float32 (default) or int8: the in-place cache stored as int8 with "
-                        "per-channel scales calibrated on calibration text (a quarter of the "
-                        "cache's bytes), held to --max-ppl-increase (default 1%%)")
-    p.add_argument("--quantize", choices=("int8", "int4", "w8a8"),
-                   help="quantize linear weights (int8 / int4: MatMulNBits weights; w8a8: "
-                        "SmoothQuant, int8 weights and statically calibrated int8 "
-                        "activations, Q/DQ), held to --max-ppl-increase on held-out text")
-    p.add_argument("--group-size", type=int,
-                   help="with --quantize: weights per scale along K (a power of two >= 16; "
-                        "default 32)")
-    p.add_argument("--max-ppl-increase", type=_fraction,
-                   help="with --quantize or --kv-cache-dtype int8: the most perplexity may "
-                        "rise, e.g. 8%% or 0.08 (default int8 1%%, int4 8%%, w8a8 3%%, an "
-                        "int8 KV cache 1%%, added when both); beyond it optimize fails with "
-                        "the figures and writes nothing")
-    p.add_argument("--quant-method", choices=("rtn", "gptq"), default=None,
-                   help="with --quantize int8/int4: rtn (round-to-nearest; the int8 default) "
-                        "or gptq (error-corrected on calibration text; the int4 default)")
-    p.add_argument("--calibration-samples", type=int, default=None,
-                   help="with gptq or w8a8: sequences of 128 tokens of calibration text "
-                        "(pydoc_data, never the held-out text; default gptq 64, w8a8 16)")
-    p.add_argument("--lm-head", choices=("fp32", "int8", "int4"), default=None,
-                   help="with --quantize int8/int4: the LM head's weights (default int4 "
-                        "for int4 with gptq, else int8)")
-    p.add_argument("--embedding", choices=("lm-head", "fp32"), default=None,
-                   help="with --quantize int8/int4: the token embedding; fp32 (default) "
-                        "keeps the float table; lm-head reads the quantized LM head's table "
-                        "where the two are tied, so the engine holds those weights once "
-                        "(smaller, and the lookup is quantized too)")
-    p.add_argument("--gate-fallback", nargs="?", const=True, choices=("int8", "fp32"),
-                   default=None,
-                   help="with --quantize int8/int4: when perplexity rises beyond "
-                        "--max-ppl-increase, keep the modules whose weights quantize worst "
-                        "in a wider format, as few as it takes, instead of failing (the "
-                        "manifest lists them): int8 (int4's default) or fp32 (int8's)")
-    p.add_argument("--weight-format", choices=("matmulnbits", "qdq"), default=None,
-                   help="with --quantize int8/int4: how the weights are written; matmulnbits "
-                        "(default: ONNX Runtime's MatMulNBits) or qdq (standard "
-                        "DequantizeLinear -> MatMul, the form TensorRT reads, with "
-                        "--zero-point none; ONNX Runtime fuses it back into MatMulNBits)")
-    p.add_argument("--zero-point", choices=("none", "int", "float"), default=None,
-                   help="with --quantize int8/int4: none (symmetric), int (asymmetric, "
-                        "MatMulNBits' integer zero point; int4 gptq's default) or float "
-                        "(a float minimum per block, as llama.cpp's Q4_1; int4 rtn's "
-                        "default)")
-    p.add_argument("--skip", type=_skip_fraction, metavar="FRACTION",
-                   help="layer-skip routing: rank the feed-forward blocks by how much "
-                        "skipping each raises the loss on calibration text, and skip this "
-                        "fraction of them in the lossy mode (e.g. 0.25 or 25%%); every block "
-                        "gets a run-time flag (`run --skip`, `run --speculative self`)")
+    KV cache, layer-skip routing); ``profile`` takes them too. One flag per field of
+    ``TransformOptions``, in its order."""
+    for f in fields(TransformOptions):
+        p.add_argument(f"--{f.name.replace('_', '-')}", default=f.default, **f.metadata["flag"])
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -346,16 +281,6 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 def add_quiet_option(p: argparse.ArgumentParser, result: str) -> None:
     p.add_argument("-q", "--quiet", action="store_true",
                    help=f"no progress: print only errors (stderr) and {result} (stdout)")
-
-
-def transform_options(args: argparse.Namespace) -> dict:
-    """``add_transform_options``' values as optimize's / profile's keyword arguments."""
-    return dict(quantize=args.quantize, group_size=args.group_size,
-                max_ppl_increase=args.max_ppl_increase, quant_method=args.quant_method,
-                calibration_samples=args.calibration_samples, lm_head=args.lm_head,
-                zero_point=args.zero_point, kv_cache_dtype=args.kv_cache_dtype, skip=args.skip,
-                embedding=args.embedding, weight_format=args.weight_format,
-                gate_fallback=args.gate_fallback or False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_sampling_options(r)
-    r.add_argument("--skip", type=_skip_fraction, nargs="?", const=True, metavar="FRACTION",
+    r.add_argument("--skip", type=skip_fraction, nargs="?", const=True, metavar="FRACTION",
                    help="lossy layer skipping (an engine optimized with --skip): the engine's "
                         "choice, or the top FRACTION of its ranking of feed-forward blocks")
     r.add_argument("--speculative",

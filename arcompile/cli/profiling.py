@@ -33,6 +33,7 @@ import torch
 
 from arcompile import progress
 from arcompile.compiler.optimize import optimize
+from arcompile.compiler.options import TransformOptions
 from arcompile.compiler.write_engine import write_engine
 from arcompile.errors import ArcompileError
 from arcompile.eval import heldtext
@@ -63,25 +64,27 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
             output_dir: str | Path | None = None, prompt_tokens: int = 128,
             decode_tokens: int = 128, agreement_tokens: int = 64, held_tokens: int = 512,
             repeats: int = 3, threads: int | None = None,
-            log: Callable[[str], None] | None = print, **quantization: Any) -> dict:
+            log: Callable[[str], None] | None = print, **options: Any) -> dict:
     """Profile ``model`` through ``passes``; returns the report (see ``profile_report``).
 
     ``output_dir``: keep the final engine there (default: a temporary folder).
-    ``quantization``: optimize's quantization options (``quantize="int4"``, ``group_size``,
-    ``quant_method``, ...); the quantizing passes then get rows of their own and the gate's
-    figures (perplexity, greedy agreement with the unquantized graph) go into the report.
+    ``options``: optimize's options that change what the engine computes
+    (``TransformOptions``: ``quantize="int4"``, ``group_size``, ``quant_method``, ...); the
+    quantizing passes then get rows of their own and the gate's figures (perplexity, greedy
+    agreement with the unquantized graph) go into the report.
     ``skip`` (layer-skip routing) passes through the same way: its row and every later one
     measure the lossy mode and self-speculative decoding too (``decoding_modes``).
     """
+    opts = TransformOptions.from_keywords(options, "profile")  # before the slow part
     say = log or (lambda _msg: None)
     for name, n in (("prompt_tokens", prompt_tokens), ("decode_tokens", decode_tokens),
                     ("agreement_tokens", agreement_tokens), ("held_tokens", held_tokens)):
         if n < 2:
             raise ArcompileError(f"{name} must be at least 2, got {n}")
     total_rows = (len(build_pipeline(passes)) + 1 + (4 if kv_cache else 0)
-                  + {None: 0, "w8a8": 3}.get(quantization.get("quantize"), 2)
-                  + (1 if quantization.get("kv_cache_dtype") == "int8" else 0)
-                  + (1 if quantization.get("skip") else 0))
+                  + {None: 0, "w8a8": 3}.get(opts.quantize, 2)
+                  + (1 if opts.kv_cache_dtype == "int8" else 0)
+                  + (1 if opts.skip else 0))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, log=say)
     say("computing the eager PyTorch reference")
     with progress.step("eager PyTorch reference"):
@@ -121,12 +124,12 @@ def profile(model: Any, passes: str | list[str] = "default", kv_cache: bool = Tr
         hook = ProfileHook(measure)
         final = Path(output_dir) if output_dir else work / "final"
         report = optimize(loaded, final, passes=passes, kv_cache=kv_cache, hooks=[hook],
-                          log=say, **quantization)
+                          log=say, **opts.given())
     return {
         "model": loaded.config.get("name") or Path(str(loaded.source)).name,
         "source": str(loaded.source),
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "settings": {"passes": passes, "kv_cache": kv_cache, **quantization,
+        "settings": {"passes": passes, "kv_cache": kv_cache, **opts.given(),
                      "prompt_tokens": prompt_tokens,
                      "decode_tokens": decode_tokens, "agreement_tokens": agreement_tokens,
                      "held_tokens": held_tokens, "repeats": repeats, "threads": threads},

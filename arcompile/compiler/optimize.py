@@ -32,7 +32,7 @@ import torch
 from arcompile import progress
 from arcompile.compiler import quantization
 from arcompile.compiler import self_draft as own_draft
-from arcompile.compiler.quantization import KV_CACHE_DTYPES
+from arcompile.compiler.options import TransformOptions
 from arcompile.compiler.uncached import (
     UncachedEngineWarning,
     kv_cache_mode,
@@ -91,12 +91,6 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
              check_numerics: bool = True, log: Callable[[str], None] | None = print,
              kv_cache: bool | str = "auto", kv_cache_runtime: str = "inplace",
              max_context: int | None = None, hooks: Sequence[Hook] = (),
-             quantize: str | None = None, group_size: int | None = None,
-             max_ppl_increase: float | None = None, quant_method: str | None = None,
-             calibration_samples: int | None = None, lm_head: str | None = None,
-             zero_point: str | None = None, skip: float | None = None,
-             kv_cache_dtype: str | None = None, embedding: str | None = None,
-             weight_format: str | None = None, gate_fallback: bool | str = False,
              self_draft: str | None = None, **options: Any) -> OptimizeReport:
     """Optimize ``model`` (path, nn.Module or ExportedProgram) into an engine at ``output_dir``.
 
@@ -112,46 +106,19 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
     ``max_context``: the most tokens (prompt + new) an engine decodes; defaults to the
     model's ``max_position_embeddings``, else 2048, and never beyond the rows of a learned
     position table (``_position_table``). ``hooks``: more pass-manager hooks, run
-    after every pass (``arcompile profile`` measures with one). ``quantize``: ``"int8"`` or
-    ``"int4"`` weights (``group_size``: block size along K), held to ``max_ppl_increase``
-    (relative perplexity on held-out text; default int8 1%, int4 8%); ``quant_method``:
-    ``"rtn"`` (round-to-nearest) or ``"gptq"`` (calibrated; the int4 default),
-    ``calibration_samples`` sequences of calibration text for it; ``lm_head``: ``"fp32"``,
-    ``"int8"`` or ``"int4"``; ``zero_point``: ``"none"`` (symmetric), ``"int"`` or ``"float"``
-    (Q4_1's float minimum); ``embedding``: ``"lm-head"`` (a lookup tied to the quantized LM
-    head reads its quantized table) or ``"fp32"``; ``weight_format``: ``"matmulnbits"``
-    (ORT's kernel) or ``"qdq"`` (standard DequantizeLinear -> MatMul, TensorRT's form);
-    ``gate_fallback``: when the gate trips, keep the worst-quantized modules in ``"int8"`` or
-    ``"fp32"`` (True: the mode's default), as few as pass it (``quant_fallback.py``), instead
-    of failing: see ``compiler/quantization.py`` for the defaults. ``skip``: layer-skip
-    routing (``passes/skip_ffn.py``, after the cache, before quantization): the fraction in
-    (0, 1) of feed-forward blocks the lossy mode skips, calibrated; every block gets a
-    run-time flag (``generate(skip=...)``, ``speculative="self"``). ``kv_cache_dtype``:
-    ``"float32"`` (default; None is the same) or ``"int8"`` (``passes/quantize_kv_cache.py``:
-    per-channel scales calibrated on calibration text, the in-place runtime only), held to
-    ``max_ppl_increase`` like ``quantize`` (default 1%, added to the mode's when both are
-    asked for; ``quantization.py``). ``self_draft``: ``"int4"`` or ``"int8"``: also write a
+    after every pass (``arcompile profile`` measures with one). ``**options``: what changes
+    what the engine computes (quantization, the int8 KV cache, layer-skip routing): the
+    fields of ``TransformOptions`` (``compiler/options.py``, one list with what each does;
+    ``quantize="int4"``, ``max_ppl_increase=0.08``, ``kv_cache_dtype="int8"``, ``skip=0.25``,
+    ...; the defaults are ``compiler/quantization.py``'s); an unknown name is an error.
+    ``self_draft``: ``"int4"`` or ``"int8"``: also write a
     round-to-nearest quantized copy of the model at ``OUT/draft`` that drafts for
-    ``speculative="self"`` (``self_draft.py``). Unknown options are an error.
+    ``speculative="self"`` (``self_draft.py``).
     """
-    if options:
-        raise ArcompileError(f"unknown option(s) for optimize: {', '.join(sorted(options))}")
+    opts = TransformOptions.from_keywords(options, "optimize")
     cache_mode = kv_cache_mode(kv_cache)
     kv_cache = cache_mode != "off"
-    if not quantize:  # settings of a quantization nobody asked for
-        given = [name for name, v in (("quant_method", quant_method), ("lm_head", lm_head),
-                                      ("zero_point", zero_point), ("embedding", embedding),
-                                      ("weight_format", weight_format),
-                                      ("gate_fallback", gate_fallback or None),
-                                      ("calibration_samples", calibration_samples))
-                 if v is not None]
-        if given:
-            raise ArcompileError(f"{', '.join(given)} without quantize (--quantize) does "
-                                 f"nothing; pass a --quantize mode")
-    if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
-        raise ArcompileError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of "
-                             f"{', '.join(KV_CACHE_DTYPES)}")
-    kv_int8 = kv_cache_dtype == "int8"
+    kv_int8 = opts.kv_cache_dtype == "int8"
     if kv_int8 and not kv_cache:
         raise ArcompileError("--kv-cache-dtype int8 quantizes the KV cache; it cannot go "
                              "with --no-kv-cache")
@@ -161,7 +128,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
                              f"{kv_cache_runtime}")
     if kv_cache_runtime not in ("concat", "inplace"):
         raise ArcompileError(f"kv_cache_runtime {kv_cache_runtime!r} is not 'concat' or 'inplace'")
-    own_draft.check_options(self_draft, quantize, kv_cache, kv_cache_dtype)
+    own_draft.check_options(self_draft, opts.quantize, kv_cache, opts.kv_cache_dtype)
     check_output_dir(Path(output_dir))  # before the slow part, not after it
     if max_context is not None and int(max_context) < 1:
         raise ArcompileError(f"max_context must be a positive number of tokens, got {max_context}")
@@ -222,14 +189,11 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
             raise ArcompileError(f"--self-draft drafts into the KV cache, which was not "
                                  f"inserted ({refused}); nothing was written")
         nested = own_draft.writer(graph, self_draft, tok, int(vocab), loaded, say, context)
-    if skip is not None:  # layer-skip routing: after the cache, before quantization
-        records += _skip_ffn(graph, skip, tok, int(vocab), say, hooks, context)
-    if quantize or kv_int8:
-        quant_records, quantized = quantization.quantize(
-            graph, quantize or None, group_size, max_ppl_increase, tok, int(vocab), say, hooks,
-            method=quant_method, calibration_samples=calibration_samples, lm_head=lm_head,
-            zero_point=zero_point, kv_cache_dtype=kv_cache_dtype, embedding=embedding,
-            weight_format=weight_format, gate_fallback=gate_fallback, max_tokens=context)
+    if opts.skip is not None:  # layer-skip routing: after the cache, before quantization
+        records += _skip_ffn(graph, opts.skip, tok, int(vocab), say, hooks, context)
+    if opts.quantize or kv_int8:
+        quant_records, quantized = quantization.quantize(graph, opts, tok, int(vocab), say,
+                                                         hooks, max_tokens=context)
         records += quant_records
         extra["quantization"] = quantized
 
@@ -241,7 +205,7 @@ def optimize(model: Any, output_dir: str | Path, example_inputs: tuple | None = 
         validate = check_perplexity
     manifest, cache_layout, diff = write_engine(
         graph, output_dir, loaded, records, tokenizer=tok,
-        sample=sample if check_numerics and not (quantize or kv_int8) else None,
+        sample=sample if check_numerics and not (opts.quantize or kv_int8) else None,
         refused=refused, log=say, extra=extra, validate=validate, nested=nested)
     seconds = time.perf_counter() - start
     say(f"wrote {output_dir} in {seconds:.1f} s")

@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from arcompile import progress
+from arcompile.compiler.options import TransformOptions
 from arcompile.compiler.quant_fallback import fall_back
 from arcompile.errors import ArcompileError
 from arcompile.eval import calibration
@@ -115,8 +116,6 @@ DEFAULT_MAX_PPL_INCREASE = {"int8": 0.01, "int4": 0.08, "w8a8": 0.03}
 # against -0.1% (interpreter) / +0.2% (ORT) for 32
 DEFAULT_GROUP_SIZE = {"int8": 32}
 LOWERING_PPL_RTOL = 0.02
-# the KV cache: "float32" (as the model computes it) or "int8" (per channel, calibrated)
-KV_CACHE_DTYPES = ("float32", "int8")
 DEFAULT_KV_MAX_PPL_INCREASE = 0.01
 # SmolLM2, ONNX Runtime perplexity on 512 / 2048 held tokens (float cache 12.786 / 12.707),
 # scales from per-channel maxima on calibration sequences of 128 tokens:
@@ -129,34 +128,27 @@ KV_CALIBRATION_SAMPLES = 8
 KV_MARGIN = 1.0
 
 
-def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: float | None,
-             tokenizer: Any, vocab: int, say: Callable[[str], None], hooks: Sequence = (),
-             method: str | None = None, calibration_samples: int | None = None,
-             max_tokens: int | None = None, lm_head: str | None = None,
-             zero_point: str | None = None, kv_cache_dtype: str | None = None,
-             embedding: str | None = None, weight_format: str | None = None,
-             gate_fallback: bool | str = False) -> tuple[list, dict]:
-    """Run the mode's passes + DCE on ``graph`` behind the gate; (records, manifest entry).
-    ``mode`` None: weights stay float (an int8 KV cache alone). ``kv_cache_dtype="int8"``:
-    ``QuantizeKVCache`` after them, inside the same gate.
-    ``method``: None for the mode's default (``DEFAULT_METHOD``). ``lm_head``: "fp32",
-    "int8" or "int4", None for the mode's default (``DEFAULT_LM_HEAD``). ``zero_point``: "none"
-    (symmetric), "int" or "float", None for the method's default (``INT4_ZERO_POINT``).
-    ``embedding``: "fp32" or "lm-head" (``EMBEDDINGS``), None for ``DEFAULT_EMBEDDING``.
-    ``weight_format``: "matmulnbits" or "qdq" (``WEIGHT_FORMATS``), None for the first; with
-    "qdq" the entry names what keeps the weights from TensorRT's documented form.
+def quantize(graph, options: TransformOptions, tokenizer: Any, vocab: int,
+             say: Callable[[str], None], hooks: Sequence = (),
+             max_tokens: int | None = None) -> tuple[list, dict]:
+    """Run the passes ``options`` ask for + DCE on ``graph`` behind the gate; (records,
+    manifest entry). ``options.quantize`` None: weights stay float (an int8 KV cache alone).
+    ``kv_cache_dtype="int8"``: ``QuantizeKVCache`` after them, inside the same gate.
+    An option left None takes its default here: ``quant_method`` the mode's
+    (``DEFAULT_METHOD``), ``lm_head`` the mode's (``DEFAULT_LM_HEAD``), ``zero_point`` the
+    method's (``INT4_ZERO_POINT``), ``embedding`` ``DEFAULT_EMBEDDING``, ``weight_format`` the
+    first of ``WEIGHT_FORMATS`` (with "qdq" the entry names what keeps the weights from
+    TensorRT's documented form), ``max_ppl_increase`` ``DEFAULT_MAX_PPL_INCREASE``.
     ``gate_fallback``: when the gate trips, keep the worst-quantized modules in a wider
     format, as few as pass it (``quant_fallback.py``; int8 / int4 weights alone): "int8",
     "fp32", or True for the mode's default (``FALLBACK_TO``).
     ``max_tokens``: the model's context, when shorter than the held-out text."""
-    kv_int8 = kv_cache_dtype == "int8"
-    if kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
-        raise ArcompileError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of "
-                             f"{', '.join(KV_CACHE_DTYPES)}")
+    mode, gate_fallback = options.quantize or None, options.gate_fallback
+    kv_int8 = options.kv_cache_dtype == "int8"
     if mode is None and not kv_int8:
         raise ArcompileError("nothing to quantize: pass a --quantize mode or "
                              "--kv-cache-dtype int8")
-    if mode is None and weight_format is not None:
+    if mode is None and options.weight_format is not None:
         raise ArcompileError("--weight-format applies to --quantize int8 or int4")
     if gate_fallback and (mode not in DEFAULT_LM_HEAD or kv_int8):
         raise ArcompileError("--gate-fallback widens int8 / int4 weights; it applies to "
@@ -171,22 +163,19 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
         if mode not in MODES:
             raise ArcompileError(f"--quantize {mode!r} is not available in this version "
                                  f"(available: {', '.join(MODES)})")
-        method = method or DEFAULT_METHOD[mode]
+        method = options.quant_method or DEFAULT_METHOD[mode]
         if method not in METHODS:
             raise ArcompileError(f"quantization method {method!r} is not one of "
                                  f"{', '.join(METHODS)}")
         try:
-            passes = mode_passes(graph, mode, group_size, method, calibration_samples,
-                                 tokenizer, vocab, say, lm_head=lm_head,
-                                 max_tokens=max_tokens, zero_point=zero_point,
-                                 embedding=embedding, weight_format=weight_format)
+            passes = mode_passes(graph, options, method, tokenizer, vocab, say, max_tokens)
         except ValueError as e:
             raise ArcompileError(str(e)) from None
         quantizer = passes[-1]  # the mode's last pass quantizes (w8a8: smooth_quant first)
         limit += DEFAULT_MAX_PPL_INCREASE[mode]
     if kv_int8:
         limit += DEFAULT_KV_MAX_PPL_INCREASE
-    limit = limit if max_ppl_increase is None else max_ppl_increase
+    limit = limit if options.max_ppl_increase is None else options.max_ppl_increase
     ids, text = held_ids(tokenizer, vocab, min(HELD_TOKENS, max_tokens or HELD_TOKENS))
     what = " and ".join(([f"weights ({mode})"] if mode else []) + (["the KV cache (int8)"]
                                                                    if kv_int8 else []))
@@ -251,7 +240,7 @@ def quantize(graph, mode: str | None, group_size: int | None, max_ppl_increase: 
             f"{limit:.2%} (greedy agreement {agreement:.1%}); nothing was written. {hint}")
     formats = {}
     if mode in DEFAULT_LM_HEAD:  # weight-only: how the weights are written
-        formats = weight_format_entry(graph, weight_format or WEIGHT_FORMATS[0], say)
+        formats = weight_format_entry(graph, options.weight_format or WEIGHT_FORMATS[0], say)
     return records, {"mode": mode, "settings": quantizer.settings() if quantizer else {},
                      **formats, **({"fallback": fallback} if fallback else {}),
                      "text": text, "tokens": len(ids), "perplexity_unquantized": ppl_before,
@@ -299,44 +288,39 @@ def kv_cache_passes(tokenizer: Any, vocab: int, say: Callable[[str], None],
     return [QuantizeKVCache(sequences, margin=KV_MARGIN, calibration_text=text)]
 
 
-def mode_passes(graph, mode: str, group_size: int | None, method: str,
-                calibration_samples: int | None, tokenizer: Any, vocab: int,
-                say: Callable[[str], None], lm_head: str | None = None,
-                max_tokens: int | None = None, zero_point: str | None = None,
-                embedding: str | None = None, weight_format: str | None = None) -> list:
-    """The passes that quantize ``graph`` for ``mode`` / ``method``; the last one (the
-    quantizer) has its ``settings()`` put into the manifest and must have quantized something.
-    A ValueError says what setting is wrong."""
-    for flag, value in (("--lm-head", lm_head), ("--zero-point", zero_point),
-                        ("--embedding", embedding), ("--weight-format", weight_format)):
+def mode_passes(graph, options: TransformOptions, method: str, tokenizer: Any, vocab: int,
+                say: Callable[[str], None], max_tokens: int | None = None) -> list:
+    """The passes that quantize ``graph`` for ``options.quantize`` with ``method`` (resolved:
+    never None); the last one (the quantizer) has its ``settings()`` put into the manifest and
+    must have quantized something. A ValueError says what setting is wrong."""
+    mode = options.quantize
+    for flag, value in (("--lm-head", options.lm_head), ("--zero-point", options.zero_point),
+                        ("--embedding", options.embedding),
+                        ("--weight-format", options.weight_format)):
         if value is not None and mode not in DEFAULT_LM_HEAD:
             raise ValueError(f"{flag} applies to --quantize {' or '.join(DEFAULT_LM_HEAD)}, "
                              f"not {mode}")
-    if weight_format not in (None, *WEIGHT_FORMATS):
-        raise ValueError(f"--weight-format {weight_format!r} is not one of "
+    if options.weight_format not in (None, *WEIGHT_FORMATS):
+        raise ValueError(f"--weight-format {options.weight_format!r} is not one of "
                          f"{', '.join(WEIGHT_FORMATS)}")
-    if weight_format == "qdq" and embedding == "lm-head":
+    if options.weight_format == "qdq" and options.embedding == "lm-head":
         raise ValueError("--embedding lm-head has no QDQ form (the lookup in the quantized "
                          "table is ONNX Runtime's GatherBlockQuantized); use --embedding fp32 "
                          "with --weight-format qdq")
     if mode == "w8a8":
-        return w8a8_passes(group_size, method, calibration_samples, tokenizer, vocab, say,
-                           max_tokens)
-
-    return weight_only_passes(mode, group_size, method, calibration_samples, tokenizer, vocab,
-                              say, lm_head, max_tokens, zero_point, embedding)
+        return w8a8_passes(options, method, tokenizer, vocab, say, max_tokens)
+    return weight_only_passes(options, method, tokenizer, vocab, say, max_tokens)
 
 
-def weight_only_passes(mode: str, group_size: int | None, method: str,
-                       calibration_samples: int | None, tokenizer: Any, vocab: int,
-                       say: Callable[[str], None], lm_head: str | None = None,
-                       max_tokens: int | None = None, zero_point: str | None = None,
-                       embedding: str | None = None) -> list:
+def weight_only_passes(options: TransformOptions, method: str, tokenizer: Any, vocab: int,
+                       say: Callable[[str], None], max_tokens: int | None = None) -> list:
     """``[QuantizeWeights]`` for int8 / int4: the mode's width, group size, zero point, LM
     head, and for a calibrated method its calibration sequences (``GPTQ_SAMPLES`` of
     ``calibration.DEFAULT_LENGTH`` tokens unless asked; shorter for a shorter context)."""
+    mode, embedding = options.quantize, options.embedding
+    calibration_samples = options.calibration_samples
     bits = MODES[mode]
-    lm_head = lm_head or DEFAULT_LM_HEAD[mode][method]
+    lm_head = options.lm_head or DEFAULT_LM_HEAD[mode][method]
     if lm_head not in LM_HEADS:
         raise ValueError(f"--lm-head {lm_head!r} is not one of {', '.join(LM_HEADS)}")
     if embedding not in (None, *EMBEDDINGS):
@@ -357,8 +341,8 @@ def weight_only_passes(mode: str, group_size: int | None, method: str,
             min(calibration.DEFAULT_LENGTH, max_tokens or calibration.DEFAULT_LENGTH))
         say(f"calibrating {method} on {text}")
     return [QuantizeWeights(
-        bits=bits, block_size=group_size or DEFAULT_GROUP_SIZE.get(mode),
-        zero_point=zero_point or (INT4_ZERO_POINT[method] if bits == 4 else None),
+        bits=bits, block_size=options.group_size or DEFAULT_GROUP_SIZE.get(mode),
+        zero_point=options.zero_point or (INT4_ZERO_POINT[method] if bits == 4 else None),
         include_lm_head=lm_head != "fp32",
         lm_head_bits=None if lm_head == "fp32" else int(lm_head.removeprefix("int")),
         method=method, calibration=sequences, calibration_text=text,
@@ -374,21 +358,20 @@ W8A8_STATISTIC = "max"
 W8A8_OUTLIER_RATIO = 4.0
 
 
-def w8a8_passes(group_size: int | None, method: str, calibration_samples: int | None,
-                tokenizer: Any, vocab: int, say: Callable[[str], None],
-                max_tokens: int | None = None) -> list:
-    """``[SmoothQuant, QuantizeW8A8]`` on ``calibration_samples`` sequences (default
+def w8a8_passes(options: TransformOptions, method: str, tokenizer: Any, vocab: int,
+                say: Callable[[str], None], max_tokens: int | None = None) -> list:
+    """``[SmoothQuant, QuantizeW8A8]`` on ``options.calibration_samples`` sequences (default
     ``calibration.DEFAULT_SAMPLES``) of ``calibration.DEFAULT_LENGTH`` tokens (shorter for a
     shorter context) of calibration text. W8A8 is calibrated by construction: ``method`` must
     be the default."""
-    if group_size is not None:
+    if options.group_size is not None:
         raise ValueError("--quantize w8a8 scales weights per output channel and activations "
                          "per tensor: --group-size does not apply")
     if method != "rtn":
         raise ValueError(f"--quantize w8a8 is SmoothQuant + static calibration; "
                          f"--quant-method {method} does not apply")
     sequences, text = calibration.calibration_ids(
-        tokenizer, vocab, calibration_samples or calibration.DEFAULT_SAMPLES,
+        tokenizer, vocab, options.calibration_samples or calibration.DEFAULT_SAMPLES,
         min(calibration.DEFAULT_LENGTH, max_tokens or calibration.DEFAULT_LENGTH))
     say(f"calibrating w8a8 on {text}")
     return [SmoothQuant(sequences, W8A8_ALPHA, calibration_text=text),

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from arcompile.compiler import quantization
+from arcompile.compiler.options import TransformOptions
 from arcompile.compiler.write_engine import write_engine
 from arcompile.errors import ArcompileError
 from arcompile.runtimes.engine_dir import DRAFT_FOLDER
@@ -72,8 +73,9 @@ def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[
         say(f"self-draft: a copy of the model with {mode} weights (rtn), to draft for "
             f"speculative='self'")
         try:
-            records, info = quantization.quantize(work, mode, None, MAX_PPL_INCREASE, tokenizer,
-                                                  vocab, note, method="rtn",
+            options = TransformOptions(quantize=mode, quant_method="rtn",
+                                       max_ppl_increase=MAX_PPL_INCREASE)
+            records, info = quantization.quantize(work, options, tokenizer, vocab, note,
                                                   max_tokens=max_tokens)
         except ArcompileError as e:
             raise ArcompileError(f"--self-draft {mode} (gated at +{MAX_PPL_INCREASE:.0%} "
