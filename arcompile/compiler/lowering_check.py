@@ -10,7 +10,8 @@ import torch
 
 from arcompile.errors import ArcompileError
 from arcompile.ir.cached_step import empty_cache, past_inputs, step_inputs
-from arcompile.passes.numeric_check import LOWERING, run_exact, scale
+from arcompile.passes.numeric_check import LOWERING, gap, run_exact, scale
+from arcompile.passes.step_proof import worst_gap
 from arcompile.runtimes.onnxruntime.inplace_step import InplaceStep
 from arcompile.runtimes.onnxruntime.session import make_session
 
@@ -24,7 +25,7 @@ def check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
     if graph.meta.get("kv_cache") is None:
         want = run_exact(graph, [sample])[0].numpy()
         got = session.run(None, {names[0]: sample.numpy()})[0]
-        diff = float(np.abs(got - want).max())
+        diff = gap(got, want)
     elif graph.meta["kv_cache"].runtime_cache == "inplace":
         diff, want = _check_inplace(graph, session, sample)
     else:  # cached step: the IR with an empty cache (P = 0) against ORT, all at once and
@@ -43,7 +44,7 @@ def check_lowering(graph, folder: Path, sample: torch.Tensor) -> float:
         first = run(ids[:, :split], zero, empty)
         second = run(ids[:, split:], np.array(split, dtype=np.int64), first[1:])
         stepped = np.concatenate([first[0], second[0]], axis=1)
-        diff = float(max(np.abs(whole[0] - want).max(), np.abs(stepped - want).max()))
+        diff, _ = worst_gap([(want, whole[0]), (want, stepped)])
     tolerance = LOWERING * scale(want)
     if not diff <= tolerance:  # NaN fails too
         raise ArcompileError(f"the lowered ONNX model differs from the IR by max|Δlogit| {diff:.3g} "
@@ -77,8 +78,9 @@ def _check_inplace(graph, session, sample: torch.Tensor) -> tuple[float, np.ndar
     first, buffers = step(ids[:, :split], 0, buffers)
     second, _ = step(ids[:, split:], split, buffers)
     stepped = np.concatenate([first, second], axis=1)
-    diff = max(np.abs(whole - want).max(), np.abs(stepped - want).max())
+    pairs = [(want, whole), (want, stepped)]
     if cached.logits_to_keep is not None:  # a prefill that keeps the last row only
         last, _ = step(ids, 0, step.buffers(ids.shape[0], capacity, shapes, dtypes), keep=1)
-        diff = max(diff, np.abs(last - want[:, -1:]).max())
-    return float(diff), want
+        pairs.append((want[:, -1:], last))
+    diff, _ = worst_gap(pairs)
+    return diff, want

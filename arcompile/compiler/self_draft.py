@@ -63,7 +63,7 @@ def writer(graph, mode: str, tokenizer: Any, vocab: int, loaded, say: Callable[[
            max_tokens: int | None = None) -> Callable[[Path], dict]:
     """Copy ``graph`` as it stands now (it is left as it is); return ``write(engine_folder)``,
     which quantizes the copy, writes it as an engine at ``engine_folder / DRAFT_FOLDER`` and returns
-    the manifest's ``self_draft`` entry (``compile.write_engine``'s ``nested``)."""
+    the manifest's ``self_draft`` entry (``write_engine``'s ``nested``)."""
     work = graph.copy()  # shares the weight tensors, which quantizing never changes
 
     def write(engine_folder: Path) -> dict:
